@@ -583,3 +583,697 @@ def _progress(iterable, enabled, **kwargs):
         return iterable
     from tqdm.auto import tqdm
     return tqdm(iterable, **kwargs)
+
+
+# ================================================================================================
+# 3. The network: a small class- and time-conditioned conv net (nothing here is D3PM-specific)
+# ================================================================================================
+
+def timestep_embedding(t, dim, num_timesteps):
+    """Sinusoidal embedding of t in 1..T, rescaled to 0..1000 so any T spans the same range."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    args = (t.float() * (1000.0 / num_timesteps))[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the conditioning vector as a FiLM scale and shift.
+    GroupNorm normalises each image on its own: nothing mixes images across the batch."""
+
+    def __init__(self, c_in, c_out, emb_dim):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.film = nn.Linear(emb_dim, 2 * c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, h, emb):
+        y = self.conv1(F.silu(self.norm1(h)))
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        y = self.conv2(F.silu(self.norm2(y) * (1 + scale) + shift))
+        return y + self.skip(h)
+
+
+class ConvNet(nn.Module):
+    """x_0-predictor for images: a two-level U-Net on embedded pixel values.
+
+    x_t (B, C, H, W) long -> logits (B, C, H, W, K), or (loc, log_scale) each (B, C, H, W).
+    Each pixel value gets a learned vector; 2x2 blocks of them are folded into channels
+    (space-to-depth, like a DiT patch of 2), so the U-Net runs at H/2 and H/4: four times
+    cheaper than full resolution, which is what makes a CPU run practical. Labels are
+    0..num_labels-1; label num_labels (or cond=None) is the null class for classifier-free
+    guidance. H and W need not be equal; both must be divisible by 4.
+    """
+
+    def __init__(self, num_states, num_classes, in_channels=1, num_labels=10, ch=64,
+                 num_timesteps=1000, output="logits", pixel_emb=8):
+        super().__init__()
+        self.num_classes, self.in_channels, self.num_labels = num_classes, in_channels, num_labels
+        self.num_timesteps, self.output, self.ch = num_timesteps, output, ch
+        emb = 4 * ch
+        self.pixel_emb = nn.Embedding(num_states, pixel_emb)   # one vector per pixel value
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.label_emb = nn.Embedding(num_labels + 1, emb)     # + the null class
+        self.conv_in = nn.Conv2d(4 * in_channels * pixel_emb, ch, 3, padding=1)
+        self.down1, self.down2 = ResBlock(ch, ch, emb), ResBlock(ch, 2 * ch, emb)
+        self.mid = ResBlock(2 * ch, 2 * ch, emb)
+        self.up2, self.up1 = ResBlock(4 * ch, 2 * ch, emb), ResBlock(3 * ch, ch, emb)
+        self.out_per_channel = 2 if output == "logistic" else num_classes
+        self.norm_out = nn.GroupNorm(8, ch)
+        self.conv_out = nn.Conv2d(ch, 4 * in_channels * self.out_per_channel, 3, padding=1)
+
+    def forward(self, x_t, t, cond=None):
+        B, C, H, W = x_t.shape
+        if H % 4 or W % 4:
+            raise ValueError(f"ConvNet needs H and W divisible by 4, got {H}x{W}")
+        if cond is None:
+            cond = torch.full((B,), self.num_labels, dtype=torch.long, device=x_t.device)
+        emb = self.time_mlp(timestep_embedding(t, self.ch, self.num_timesteps)) + self.label_emb(cond)
+        h = self.pixel_emb(x_t).permute(0, 1, 4, 2, 3).reshape(B, -1, H, W)  # (B, C*E, H, W)
+        h = self.conv_in(F.pixel_unshuffle(h, 2))                 # (B, ch, H/2, W/2)
+        s1 = self.down1(h, emb)                                   # (B, ch, H/2, W/2)
+        s2 = self.down2(F.avg_pool2d(s1, 2), emb)                 # (B, 2ch, H/4, W/4)
+        h = self.mid(s2, emb)
+        h = self.up2(torch.cat([h, s2], 1), emb)                  # (B, 2ch, H/4, W/4)
+        h = self.up1(torch.cat([F.interpolate(h, scale_factor=2.0), s1], 1), emb)
+        out = F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), 2)  # (B, C*out, H, W)
+        if self.output == "logistic":
+            loc, log_scale = out.float().chunk(2, dim=1)
+            # loc is a residual around the input value scaled to [-1, 1], as the official UNet.
+            x_scaled = 2.0 * x_t.float() / (self.num_classes - 1) - 1.0
+            return torch.tanh(loc + x_scaled), log_scale
+        return out.view(B, C, self.num_classes, H, W).permute(0, 1, 3, 4, 2)  # (B, C, H, W, K)
+
+
+class PointMLP(nn.Module):
+    """x_0-predictor for the 2-D toy: sinusoidal embeddings of both coordinates and t, an MLP,
+    logits (B, 2, K)."""
+
+    def __init__(self, num_states, num_classes, num_labels=1, hidden=256, num_timesteps=1000):
+        super().__init__()
+        self.num_classes, self.num_labels, self.num_timesteps = num_classes, num_labels, num_timesteps
+        self.dim = 64
+        self.label_emb = nn.Embedding(num_labels + 1, hidden)
+        self.net_in = nn.Linear(3 * self.dim, hidden)
+        self.net = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2 * num_classes))
+        self.num_states = num_states
+
+    def forward(self, x_t, t, cond=None):
+        B = x_t.shape[0]
+        if cond is None:
+            cond = torch.full((B,), self.num_labels, dtype=torch.long, device=x_t.device)
+        # coordinates are embedded like timesteps, scaled to the same 0..1000 range
+        coords = [timestep_embedding(x_t[:, i], self.dim, self.num_states) for i in range(2)]
+        h = torch.cat(coords + [timestep_embedding(t, self.dim, self.num_timesteps)], dim=-1)
+        h = self.net_in(h) + self.label_emb(cond)
+        return self.net(h).view(B, 2, self.num_classes)
+
+
+# ================================================================================================
+# 4. Configuration, data, training loop, command line
+# ================================================================================================
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    # ---- data
+    dataset: str = "mnist"            # mnist | heart (the CIFAR runner adds cifar10 | fake)
+    data_root: str = "./data"         # folder holding MNIST/raw (torchvision layout)
+    num_classes: int = 2              # K: states per pixel (mnist: quantisation levels; heart: bins)
+    # ---- process
+    num_timesteps: int = 1000         # T: diffusion steps
+    transition: str = "absorbing"     # uniform | absorbing | gaussian
+    schedule: str = "default"         # default (per transition) | cosine | linear | jsd
+    absorbing_state: str = "mask"     # absorbing only: mask (extra [MASK] state) | grey (K//2)
+    model_output: str = "logits"      # logits | logistic (truncated discretized logistic)
+    loss_type: str = "hybrid"         # hybrid | vb | ce
+    hybrid_coeff: float = 0.001       # λ: weight of the x_0 cross-entropy in L_λ (eq. 5)
+    eps: float = 1e-6                 # added to probabilities inside logs; 0 = exact
+    # ---- network
+    model_channels: int = 64          # base width of the conv net (channels)
+    label_dropout: float = 0.1        # probability a training label is replaced by the null class
+    # ---- optimisation
+    train_steps: int = 20000          # total optimizer steps (a resumed run continues up to it)
+    batch_size: int = 128             # images per step
+    lr: float = 2e-4                  # AdamW peak learning rate
+    weight_decay: float = 0.0         # AdamW weight decay
+    warmup_steps: int = 500           # linear learning-rate warm-up (steps)
+    grad_clip: float = 1.0            # max global gradient norm
+    ema_decay: float = 0.9995         # EMA decay per step for the sampling weights
+    seed: int = 0                     # seeds data order, noise and initialisation
+    device: str = "auto"              # auto | cpu | cuda
+    # ---- logging, evaluation, checkpoints
+    out: str = "runs/mnist"           # run directory
+    log_every: int = 100              # steps between metrics.jsonl lines
+    eval_every: int = 5000            # steps between sample grids/GIFs (0 = only at the end)
+    checkpoint_every: int = 1000      # steps between checkpoints
+    num_samples: int = 100            # samples per grid (a row per class)
+    sample_steps: int = 0             # reverse steps at sampling (0 = all T; fewer = strided)
+    guidance: float = 0.0             # classifier-free guidance weight w (0 = conditional)
+    eval_images: int = 1000           # test images for the final NLL (full bound)
+    # ---- modes
+    resume: str = ""                  # checkpoint to continue from (or to sample/evaluate)
+    sample_only: bool = False         # with --resume: write samples.pt, a grid and a GIF
+    eval_only: bool = False           # with --resume: print the test NLL (bits/dim) as JSON
+    preset: str = ""                  # cpu | heart: named settings, overridden by flags
+
+
+PRESETS = {
+    # A 2-core CPU trains class-conditional binarised MNIST in about ten minutes.
+    "cpu": dict(dataset="mnist", num_classes=2, num_timesteps=100, transition="absorbing",
+                model_channels=32, train_steps=2000, batch_size=64, lr=1e-3, warmup_steps=100,
+                ema_decay=0.999, eval_every=0, checkpoint_every=500, log_every=50,
+                sample_steps=50, guidance=1.0, eval_images=200, out="runs/cpu"),
+    # The 2-D heart toy: about a minute on a CPU.
+    "heart": dict(dataset="heart", num_classes=64, num_timesteps=50, transition="uniform",
+                  train_steps=1500, batch_size=256, lr=1e-3, warmup_steps=100, ema_decay=0.99,
+                  eval_every=0, checkpoint_every=500, log_every=100, num_samples=2000,
+                  eval_images=500, label_dropout=0.0, out="runs/heart"),
+}
+
+# Fields that define the process and the network: a checkpoint must agree on all of them.
+MODEL_FIELDS = ("dataset", "num_classes", "num_timesteps", "transition", "schedule",
+                "absorbing_state", "model_output", "model_channels")
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported as one line on stderr, exit status 2."""
+
+
+def validate_config(cfg):
+    choices = {"transition": ("uniform", "absorbing", "gaussian"), "loss_type": ("hybrid", "vb", "ce"),
+               "model_output": ("logits", "logistic"), "device": ("auto", "cpu", "cuda"),
+               "absorbing_state": ("mask", "grey"),
+               "schedule": ("default", "cosine", "linear", "jsd")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                             f"got {getattr(cfg, name)!r}")
+    checks = [(2 <= cfg.num_classes <= 256, "--num-classes (K) must be in 2..256"),
+              (cfg.num_timesteps >= 1, "--num-timesteps (T) must be >= 1"),
+              (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+              (cfg.train_steps >= 0, "--train-steps must be >= 0"),
+              (cfg.guidance >= 0, "--guidance must be >= 0"),
+              (cfg.sample_steps == 0 or 1 <= cfg.sample_steps <= cfg.num_timesteps,
+               f"--sample-steps must be in 1..T={cfg.num_timesteps} (or 0 for all)"),
+              (cfg.lr > 0, "--lr must be > 0"), (cfg.eps >= 0, "--eps must be >= 0"),
+              (0 <= cfg.label_dropout < 1, "--label-dropout must be in [0, 1)"),
+              (cfg.num_samples >= 1, "--num-samples must be >= 1"),
+              (cfg.eval_images >= 0, "--eval-images must be >= 0"),
+              (min(cfg.log_every, cfg.checkpoint_every) >= 1 and cfg.eval_every >= 0,
+               "--log-every and --checkpoint-every must be >= 1, --eval-every >= 0")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(f"{message}, got {_offending(message, cfg)}")
+    if cfg.model_output == "logistic" and cfg.dataset == "heart":
+        raise UsageError("--model-output logistic is for images, not the heart toy")
+    if (cfg.sample_only or cfg.eval_only) and not cfg.resume:
+        raise UsageError("--sample-only and --eval-only need --resume CHECKPOINT")
+
+
+def _offending(message, cfg):
+    name = message.split()[0].lstrip("-").replace("-", "_")
+    return repr(getattr(cfg, name, "?"))
+
+
+# ---------------------------------------------------------------------------------- data
+
+@dataclass
+class Data:
+    """Whole datasets as tensors: x long (N, ...) in 0..K-1, y long (N,) in 0..num_labels-1."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_labels: int
+
+
+def quantize(images_uint8, num_classes):
+    """uint8 0..255 -> long 0..K-1 with K equal-width bins (K = 2: threshold at 128)."""
+    return (images_uint8.long() * num_classes) // 256
+
+
+def load_mnist(root, num_classes):
+    from torchvision.datasets import MNIST
+    split = {}
+    for train in (True, False):
+        try:
+            ds = MNIST(root, train=train, download=False)
+        except RuntimeError:
+            try:
+                ds = MNIST(root, train=train, download=True)
+            except Exception as e:  # offline, or the mirror is down
+                raise UsageError(
+                    f"MNIST not found under {os.path.join(root, 'MNIST', 'raw')} and could not be "
+                    f"downloaded ({type(e).__name__}); put train-images-idx3-ubyte, "
+                    "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
+                    "there or pass --data-root") from None
+        split[train] = (quantize(ds.data.unsqueeze(1), num_classes), ds.targets.long())
+    return Data(*split[True], *split[False], num_labels=10)
+
+
+def heart_points(n, num_classes, generator=None):
+    """n points of the 2-D heart toy, each coordinate quantised to K bins: long [n, 2].
+
+    The heart curve (16 sin³u, 13 cos u - 5 cos 2u - 2 cos 3u - cos 4u) / 17 plus Gaussian
+    noise of std 0.03, clipped to [-1, 1] and cut into K equal bins per coordinate.
+    """
+    u = 2 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
+    x = 16 * torch.sin(u) ** 3
+    y = 13 * torch.cos(u) - 5 * torch.cos(2 * u) - 2 * torch.cos(3 * u) - torch.cos(4 * u) + 2.5
+    pts = torch.stack([x, y], 1) / 17 + 0.03 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    return ((pts.clamp(-1, 1) + 1) / 2 * num_classes).long().clamp(0, num_classes - 1)
+
+
+def build_data(cfg):
+    if cfg.dataset == "mnist":
+        return load_mnist(cfg.data_root, cfg.num_classes)
+    if cfg.dataset == "heart":
+        g = torch.Generator().manual_seed(cfg.seed)
+        n_train, n_test = 20000, 2000
+        pts = heart_points(n_train + n_test, cfg.num_classes, g)
+        labels = torch.zeros(n_train + n_test, dtype=torch.long)  # one class
+        return Data(pts[:n_train], labels[:n_train], pts[n_train:], labels[n_train:], num_labels=1)
+    raise UsageError(f"--dataset must be mnist or heart, got {cfg.dataset!r}")
+
+
+def batch_indices(step, n, batch_size, seed):
+    """Indices of the batch at `step`: epoch e is a permutation seeded by (seed, e), so the data
+    order depends on the step alone and a resumed run sees exactly the batches it would have."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    if batch_size > n:  # tiny datasets: cycle
+        return perm.repeat(batch_size // n + 1)[:batch_size]
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+# ---------------------------------------------------------------------------- model set-up
+
+def build_model(cfg, data):
+    """The x_0-predicting network for cfg.dataset."""
+    num_states = cfg.num_classes + (1 if cfg.transition == "absorbing" and cfg.absorbing_state == "mask" else 0)
+    if cfg.dataset == "heart":
+        return PointMLP(num_states, cfg.num_classes, data.num_labels, num_timesteps=cfg.num_timesteps)
+    return ConvNet(num_states, cfg.num_classes, data.train_x.shape[1], data.num_labels,
+                   ch=cfg.model_channels, num_timesteps=cfg.num_timesteps, output=cfg.model_output)
+
+
+def build_d3pm(cfg, net):
+    return D3PM(net, cfg.num_timesteps, cfg.num_classes, cfg.transition,
+                schedule=None if cfg.schedule == "default" else cfg.schedule,
+                hybrid_coeff=cfg.hybrid_coeff, loss_type=cfg.loss_type,
+                model_output=cfg.model_output, eps=cfg.eps,
+                absorbing_state=("mask" if cfg.absorbing_state == "mask" else None)
+                if cfg.transition == "absorbing" else None)
+
+
+@contextmanager
+def using_model(d3pm, net):
+    """Temporarily run the process with another network (the EMA weights, for sampling)."""
+    original = d3pm.x0_model
+    d3pm.x0_model = net
+    try:
+        yield d3pm
+    finally:
+        d3pm.x0_model = original
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------- pictures
+
+def to_rgb(x, num_classes):
+    """Long images (N, C, H, W) in 0..S-1 -> float RGB (N, 3, H, W) in [0, 1]; the [MASK]
+    state (value K) is drawn red."""
+    img = x.float().clamp(max=num_classes - 1) / (num_classes - 1)
+    if img.shape[1] == 1:
+        img = img.repeat(1, 3, 1, 1)
+    mask = (x == num_classes).any(1, keepdim=True)
+    red = torch.tensor([1.0, 0.15, 0.15], device=x.device).view(1, 3, 1, 1)
+    return torch.where(mask, red, img)
+
+
+def save_grid(x, num_classes, path, nrow):
+    from PIL import Image
+    from torchvision.utils import make_grid
+    grid = make_grid(to_rgb(x.cpu(), num_classes), nrow=nrow, padding=1, pad_value=0.5)
+    scale = max(1, 256 // grid.shape[-1])  # small images are upscaled so a reader can see them
+    img = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy())
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def save_gif(frames, num_classes, path, nrow, max_frames=60):
+    """frames: (F, N, C, H, W) states of the reverse process -> an animated GIF."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+    idx = torch.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().long().tolist()
+    images = []
+    for i in idx:
+        grid = make_grid(to_rgb(frames[i].cpu(), num_classes), nrow=nrow, padding=1, pad_value=0.5)
+        img = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy())
+        scale = max(1, 256 // img.width)
+        images.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
+    durations = [80] * (len(images) - 1) + [1500]  # hold the final samples
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+
+
+def save_points(data_pts, model_pts, num_classes, path):
+    """The heart toy: 2-D histograms of data (left) and model samples (right)."""
+    from PIL import Image
+    panels = []
+    for pts in (data_pts, model_pts):
+        hist = torch.zeros(num_classes, num_classes)
+        hist.index_put_((num_classes - 1 - pts[:, 1], pts[:, 0]), torch.ones(len(pts)), accumulate=True)
+        hist = (hist / hist.max().clamp_min(1)) ** 0.5
+        panels.append(torch.cat([1 - hist, torch.full((num_classes, 2), 1.0)], 1))
+    img = (torch.cat(panels, 1) * 255).round().byte().numpy()
+    scale = max(1, 512 // img.shape[1])
+    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+
+
+# ------------------------------------------------------------------------ sampling and eval
+
+def draw_samples(cfg, d3pm, net, num_labels, n, shape, device, generator, trajectory=False,
+                 progress=True):
+    """n class-conditional samples with labels 0,0,..,1,1,.. (n // num_labels per class)."""
+    labels = torch.arange(num_labels, device=device).repeat_interleave(max(1, n // num_labels))[:n]
+    with using_model(d3pm, net):
+        return labels, d3pm.sample((len(labels),) + tuple(shape), labels,
+                                   steps=cfg.sample_steps or None, generator=generator,
+                                   return_trajectory=trajectory, guidance=cfg.guidance,
+                                   progress=progress)
+
+
+def write_samples(cfg, d3pm, net, data, device, tag):
+    """A PNG grid (a row per class) and a GIF of the reverse process into cfg.out."""
+    g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    shape = data.train_x.shape[1:]
+    if cfg.dataset == "heart":
+        _, x = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples, shape, device, g)
+        path = os.path.join(cfg.out, f"heart_{tag}.png")
+        save_points(data.test_x[:cfg.num_samples], x.cpu(), cfg.num_classes, path)
+        return x, path
+    labels, (x, traj) = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples, shape,
+                                     device, g, trajectory=True)
+    nrow = max(1, cfg.num_samples // data.num_labels)
+    path = os.path.join(cfg.out, f"samples_{tag}.png")
+    save_grid(x, cfg.num_classes, path, nrow)
+    save_gif(traj["x_t"], cfg.num_classes, os.path.join(cfg.out, f"reverse_{tag}.gif"), nrow)
+    return x, path
+
+
+def test_nll(cfg, d3pm, net, data, device):
+    """The full bound on the first cfg.eval_images test images, bits/dim (mean over images)."""
+    n = min(cfg.eval_images, len(data.test_x))
+    if n == 0:
+        return float("nan")
+    total, g = 0.0, torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    with using_model(d3pm, net):
+        for i in _progress(range(0, n, cfg.batch_size), True, desc="test NLL (batches)"):
+            x = data.test_x[i:i + min(cfg.batch_size, n - i)].to(device)
+            y = data.test_y[i:i + len(x)].to(device)
+            total += float(d3pm.nll_bpd(x, y, generator=g, batch_size=max(256, len(x))).sum())
+    return total / n
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, flush it to disk, then rename over the old one, so a
+    crash while saving leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"--resume {path}: not a d3pm checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"config", "model", "step"} <= set(ckpt):
+        raise UsageError(f"--resume {path}: not a d3pm checkpoint (missing model/config/step)")
+    return ckpt
+
+
+def resolve_config(given, ckpt_config=None):
+    """Defaults < preset < checkpoint config < flags given on the command line. A flag that
+    contradicts the checkpoint's process or network is refused, naming the field."""
+    preset = given.get("preset") or (ckpt_config or {}).get("preset") or ""
+    if preset and preset not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    values = {**PRESETS.get(preset, {})}
+    if ckpt_config is not None:
+        for name in MODEL_FIELDS:
+            if name in given and given[name] != ckpt_config[name]:
+                raise UsageError(f"checkpoint was trained with {name}={ckpt_config[name]!r}, "
+                                 f"but --{name.replace('_', '-')} {given[name]!r} was asked for")
+        values.update({k: v for k, v in ckpt_config.items() if k in Config.__dataclass_fields__})
+        for mode in ("resume", "sample_only", "eval_only"):
+            values.pop(mode, None)
+    values.update(given)
+    return Config(**values)
+
+
+# ---------------------------------------------------------------------------- training
+
+class StopRequested:
+    """Ctrl-C / SIGTERM set a flag; the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+def train(cfg, build_data=build_data, build_model=build_model, log=print):
+    """Train a class-conditional D3PM; build_data/build_model are swapped by the CIFAR runner.
+    Returns a dict of final metrics."""
+    # 1. set up: device, data, network, process, optimiser, EMA, run directory
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        probe = os.path.join(cfg.out, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out {cfg.out}: cannot write there ({e.strerror})") from None
+    data = build_data(cfg)
+    net = build_model(cfg, data).to(device)
+    d3pm = build_d3pm(cfg, net).to(device)
+    ema = torch.optim.swa_utils.AveragedModel(
+        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    step, skipped_total = 0, 0
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        if "optimizer" in ckpt:
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            torch.set_rng_state(ckpt["rng"]["cpu"])
+            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        step, skipped_total = ckpt["step"], ckpt.get("skipped_steps", 0)
+    log(f"{type(net).__name__}: {count_parameters(net):,} parameters; {cfg.transition} "
+        f"transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}")
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+    def checkpoint():
+        save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), {
+            "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "step": step, "skipped_steps": skipped_total,
+            "betas": d3pm.betas64.cpu(), "config": dataclasses.asdict(cfg),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
+
+    if cfg.sample_only or cfg.eval_only:
+        return evaluate_only(cfg, d3pm, ema.module, data, device, log)
+
+    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    stop = StopRequested()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.train_steps, initial=step, desc="training", dynamic_ncols=True)
+    sums, bad_in_a_row, t_start = torch.zeros(3, device=device), 0, time.time()
+    n_train = len(data.train_x)
+    try:
+        while step < cfg.train_steps:
+            # 2. a batch, with labels dropped to the null class for classifier-free guidance
+            idx = batch_indices(step, n_train, cfg.batch_size, cfg.seed)
+            x_0, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
+            drop = torch.rand(y.shape, device=device) < cfg.label_dropout
+            y = torch.where(drop, torch.full_like(y, data.num_labels), y)
+            # 3. corrupt x_0 and compute the loss (t ~ U{1..T}, x_t ~ q(x_t|x_0); eq. 5)
+            with autocast:
+                loss, info = d3pm(x_0, y)
+            # 4. step, unless the loss or gradient is not finite
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            step += 1
+            if finite:
+                opt.step()
+                sched.step()
+                ema.update_parameters(net)
+                bad_in_a_row = 0
+                sums += torch.stack([loss.detach(), info["vb"], info["ce"]])
+            else:
+                skipped_total += 1
+                bad_in_a_row += 1
+                log(f"warning: non-finite loss or gradient at step {step}; update skipped")
+                if bad_in_a_row >= 20:
+                    step -= 1
+                    raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row; stopped at "
+                                       f"step {step} (checkpoint holds the last good state)")
+            bar.update(1)
+            # 5. log, sample, checkpoint
+            if step % cfg.log_every == 0 or step == cfg.train_steps:
+                n = max(1, cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
+                loss_m, vb_m, ce_m = (sums / n).tolist()
+                sums.zero_()
+                row = {"step": step, "loss": loss_m, "vb_bpd": vb_m, "ce_bpd": ce_m,
+                       "lr": sched.get_last_lr()[0], "skipped_steps": skipped_total,
+                       "elapsed_s": round(time.time() - t_start, 1)}
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{loss_m:.4f}", vb=f"{vb_m:.4f}", ce=f"{ce_m:.4f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.train_steps:
+                write_samples(cfg, d3pm, ema.module, data, device, f"step{step}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
+                checkpoint()
+            if stop.signal:
+                checkpoint()
+                bar.close()
+                log(f"{stop.signal} received: checkpoint saved at step {step} in "
+                    f"{os.path.join(cfg.out, 'checkpoint.pt')}; resume with --resume")
+                return {"step": step, "interrupted": True}
+    except RuntimeError:
+        checkpoint()
+        raise
+    finally:
+        bar.close()
+        metrics_file.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    # 6. at the end: samples from the EMA weights and the test NLL (full bound)
+    _, grid = write_samples(cfg, d3pm, ema.module, data, device, "final")
+    nll = test_nll(cfg, d3pm, ema.module, data, device)
+    result = {"step": step, "test_nll_bpd": nll, "eval_images": min(cfg.eval_images, len(data.test_x)),
+              "train_seconds": round(time.time() - t_start, 1)}
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    log(f"test NLL {nll:.4f} bits/dim on {result['eval_images']} test images; samples in {grid}")
+    return result
+
+
+def evaluate_only(cfg, d3pm, net, data, device, log):
+    """--sample-only: samples.pt + grid + GIF. --eval-only: the test NLL as one JSON line."""
+    if cfg.sample_only:
+        g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        if cfg.dataset == "heart":
+            labels, x = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples,
+                                     data.train_x.shape[1:], device, g)
+            save_points(data.test_x[:cfg.num_samples], x.cpu(), cfg.num_classes,
+                        os.path.join(cfg.out, "heart_samples.png"))
+        else:
+            labels, (x, traj) = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples,
+                                             data.train_x.shape[1:], device, g, trajectory=True)
+            nrow = max(1, cfg.num_samples // data.num_labels)
+            save_grid(x, cfg.num_classes, os.path.join(cfg.out, "samples.png"), nrow)
+            save_gif(traj["x_t"], cfg.num_classes, os.path.join(cfg.out, "reverse.gif"), nrow)
+        torch.save({"images": x.cpu(), "labels": labels.cpu()}, os.path.join(cfg.out, "samples.pt"))
+        log(f"wrote {len(x)} samples to {os.path.join(cfg.out, 'samples.pt')}")
+    result = {}
+    if cfg.eval_only:
+        result = {"test_nll_bpd": test_nll(cfg, d3pm, net, data, device),
+                  "eval_images": min(cfg.eval_images, len(data.test_x))}
+        print(json.dumps(result), flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------- command line
+
+def _field_comments():
+    """The comment after each Config field, used as its --help text."""
+    import inspect
+    import re
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def make_parser(description=__doc__):
+    import argparse
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comments = _field_comments()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = comments.get(f.name, "")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                                help=help_text + " (default: off)")
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}.get(
+                f.type if isinstance(f.type, str) else f.type.__name__, str),
+                default=argparse.SUPPRESS, metavar=f.name.upper(),
+                help=f"{help_text} (default: {f.default})")
+    return parser
+
+
+def main(argv=None, train_fn=train, description=__doc__):
+    """Parse flags, run, and turn bad input into one line on stderr with exit status 2."""
+    parser = make_parser(description)
+    given = vars(parser.parse_args(argv))
+    try:
+        ckpt = load_checkpoint(given["resume"]) if given.get("resume") else None
+        cfg = resolve_config(given, ckpt["config"] if ckpt else None)
+        validate_config(cfg)
+        train_fn(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

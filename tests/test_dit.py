@@ -13,7 +13,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dit import DiT, DiTBlock, count_parameters, dit_from_name, patchify, unpatchify  # noqa: E402
+from dit import (DiT, DiTBlock, count_parameters, dit_from_name, patchify, sincos_1d,  # noqa: E402
+                 sincos_2d, unpatchify)
 
 B, C, H, W, K, T, NUM_LABELS = 3, 3, 8, 12, 16, 10, 5
 
@@ -116,6 +117,16 @@ def test_patchify_layout_and_inverse():
     assert per_token.shape[-1] == p * p * C * 4
 
 
+def test_positional_embedding_is_row_major():
+    """Token l = i*w + j sits at grid row i, column j: half its channels encode i, half j."""
+    h, w, D = H // 2, W // 2, 64
+    pe = sincos_2d(h, w, D)                                           # (L, D)
+    i, j = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    torch.testing.assert_close(pe[:, :D // 2], sincos_1d(i, D // 2))
+    torch.testing.assert_close(pe[:, D // 2:], sincos_1d(j, D // 2))
+    assert torch.cdist(pe, pe).add(torch.eye(h * w)).min() > 0       # all positions distinct
+
+
 def test_pixel_change_stays_in_its_patch():
     """With the blocks at identity (adaLN-Zero) and only the head perturbed, the network is a
     per-token function, so changing pixel (h, w) may change only the logits of its p x p patch.
@@ -132,6 +143,34 @@ def test_pixel_change_stays_in_its_patch():
         inside[0, h // p * p:(h // p + 1) * p, w // p * p:(w // p + 1) * p] = True
         assert torch.all(diff[~inside] == 0)
         assert torch.all(diff[inside] > 0)
+
+
+def test_patch_embedding_knows_slot_and_channel():
+    """A patch token sums one row per (row, column, channel, value); swapping two pixels of
+    a patch, or two channels of a pixel, must change it (a shared table would not notice)."""
+    model = tiny()
+    perturb(model, [model.final_layer.adaLN_modulation[-1], model.final_layer.linear])
+    x_t, t, cond = inputs()
+    x_t[0, 0, 2, 4], x_t[0, 0, 2, 5] = 1, 2                         # same patch, same channel
+    x_t[0, 1, 2, 4], x_t[0, 2, 2, 4] = 3, 4                         # same pixel, two channels
+    out = model(x_t, t, cond)
+    swapped_pixels, swapped_channels = x_t.clone(), x_t.clone()
+    swapped_pixels[0, 0, 2, 4], swapped_pixels[0, 0, 2, 5] = 2, 1
+    swapped_channels[0, 1, 2, 4], swapped_channels[0, 2, 2, 4] = 4, 3
+    assert not torch.allclose(model(swapped_pixels, t, cond)[0, :, 2:4, 4:6], out[0, :, 2:4, 4:6])
+    assert not torch.allclose(model(swapped_channels, t, cond)[0, :, 2:4, 4:6], out[0, :, 2:4, 4:6])
+
+
+def test_patch_position_not_grid_size_sets_its_embedding():
+    """Per-token state again: a top-left crop must give the same logits as the full image
+    there, since patch (i, j) gets the same 2-D position code in any grid. A positional
+    embedding built for the wrong (h, w) order shifts the codes and breaks this."""
+    model = tiny()
+    perturb(model, [model.final_layer.adaLN_modulation[-1], model.final_layer.linear])
+    x_t, t, cond = inputs()
+    full = model(x_t, t, cond)
+    for h, w in [(4, 8), (8, 6)]:
+        torch.testing.assert_close(model(x_t[:, :, :h, :w], t, cond), full[:, :, :h, :w])
 
 
 # --------------------------------------------------------------------------------------

@@ -1043,23 +1043,24 @@ def load_checkpoint(path):
     return ckpt
 
 
-def resolve_config(given, ckpt_config=None):
+def resolve_config(given, ckpt_config=None, config_cls=Config, presets=PRESETS,
+                   model_fields=MODEL_FIELDS):
     """Defaults < preset < checkpoint config < flags given on the command line. A flag that
     contradicts the checkpoint's process or network is refused, naming the field."""
     preset = given.get("preset") or (ckpt_config or {}).get("preset") or ""
-    if preset and preset not in PRESETS:
-        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    values = {**PRESETS.get(preset, {})}
+    if preset and preset not in presets:
+        raise UsageError(f"--preset must be one of {', '.join(presets)}, got {preset!r}")
+    values = {**presets.get(preset, {})}
     if ckpt_config is not None:
-        for name in MODEL_FIELDS:
+        for name in model_fields:
             if name in given and given[name] != ckpt_config[name]:
                 raise UsageError(f"checkpoint was trained with {name}={ckpt_config[name]!r}, "
                                  f"but --{name.replace('_', '-')} {given[name]!r} was asked for")
-        values.update({k: v for k, v in ckpt_config.items() if k in Config.__dataclass_fields__})
+        values.update({k: v for k, v in ckpt_config.items() if k in config_cls.__dataclass_fields__})
         for mode in ("resume", "sample_only", "eval_only"):
             values.pop(mode, None)
     values.update(given)
-    return Config(**values)
+    return config_cls(**values)
 
 
 # ---------------------------------------------------------------------------- training
@@ -1074,46 +1075,86 @@ class StopRequested:
         self.signal = signal.Signals(signum).name
 
 
-def train(cfg, build_data=build_data, build_model=build_model, log=print):
-    """Train a class-conditional D3PM; build_data/build_model are swapped by the CIFAR runner.
-    Returns a dict of final metrics."""
-    # 1. set up: device, data, network, process, optimiser, EMA, run directory
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+def autocast_for(device):
+    """bf16 autocast for the network on CUDA; a null context on CPU. The diffusion
+    log-probabilities are computed in float32 either way (the networks return float32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def setup_distributed(cfg):
+    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL, or gloo on
+    CPU (how the tests run it); otherwise a single process on cfg.device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(cfg.device)
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def _check_in_outdir(cfg):
     try:
         os.makedirs(cfg.out, exist_ok=True)
-        probe = os.path.join(cfg.out, ".write_test")
+        probe = os.path.join(cfg.out, f".write_test{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"--out {cfg.out}: cannot write there ({e.strerror})") from None
+
+
+def train(cfg, build_data=build_data, build_model=build_model, log=print):
+    """Train a class-conditional D3PM; build_data/build_model are swapped by the CIFAR runner.
+    Returns a dict of final metrics."""
+    # 1. set up: device(s), data, network, process, optimiser, EMA, run directory
+    rank, world, device = setup_distributed(cfg)
+    if rank != 0:
+        log = lambda *a, **k: None  # noqa: E731  (rank 0 alone logs, samples and saves)
+    torch.manual_seed(cfg.seed)   # identical initial weights on every rank
+    _check_in_outdir(cfg)
     data = build_data(cfg)
     net = build_model(cfg, data).to(device)
-    d3pm = build_d3pm(cfg, net).to(device)
     ema = torch.optim.swa_utils.AveragedModel(
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     step, skipped_total = 0, 0
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        if "optimizer" in ckpt:
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            torch.set_rng_state(ckpt["rng"]["cpu"])
-            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
         step, skipped_total = ckpt["step"], ckpt.get("skipped_steps", 0)
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    if world > 1:  # each rank draws its own t and noise
+        torch.manual_seed(cfg.seed + 1000 * rank + step)
+    model = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    if getattr(cfg, "compile", False):
+        model = torch.compile(model)
+    d3pm = build_d3pm(cfg, model).to(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        d3pm.validate = False  # range checks cost a host sync per call
     log(f"{type(net).__name__}: {count_parameters(net):,} parameters; {cfg.transition} "
-        f"transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}")
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+        f"transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}"
+        + (f" x {world} processes" if world > 1 else ""))
+    if rank == 0:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
 
     def checkpoint():
+        if rank != 0:
+            return
         save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), {
             "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "step": step, "skipped_steps": skipped_total,
@@ -1124,73 +1165,91 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     if cfg.sample_only or cfg.eval_only:
         return evaluate_only(cfg, d3pm, ema.module, data, device, log)
 
-    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     stop = StopRequested()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.train_steps, initial=step, desc="training", dynamic_ncols=True)
-    sums, bad_in_a_row, t_start = torch.zeros(3, device=device), 0, time.time()
+    bar = tqdm(total=cfg.train_steps, initial=step, desc="training", dynamic_ncols=True,
+               disable=rank != 0)
+    sums, bad_in_a_row, t_start, n_logged = torch.zeros(3, device=device), 0, time.time(), 0
     n_train = len(data.train_x)
     try:
         while step < cfg.train_steps:
-            # 2. a batch, with labels dropped to the null class for classifier-free guidance
-            idx = batch_indices(step, n_train, cfg.batch_size, cfg.seed)
+            # 2. this rank's share of the batch; labels dropped to the null class for
+            #    classifier-free guidance
+            idx = batch_indices(step, n_train, cfg.batch_size, cfg.seed)[rank::world]
             x_0, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
+            if hasattr(data, "augment"):
+                x_0 = data.augment(x_0, step)
             drop = torch.rand(y.shape, device=device) < cfg.label_dropout
             y = torch.where(drop, torch.full_like(y, data.num_labels), y)
             # 3. corrupt x_0 and compute the loss (t ~ U{1..T}, x_t ~ q(x_t|x_0); eq. 5)
-            with autocast:
+            with autocast_for(device):
                 loss, info = d3pm(x_0, y)
             # 4. step, unless the loss or gradient is not finite
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
+            if world > 1:
+                torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
             step += 1
-            if finite:
+            if bool(finite):
                 opt.step()
                 sched.step()
                 ema.update_parameters(net)
                 bad_in_a_row = 0
                 sums += torch.stack([loss.detach(), info["vb"], info["ce"]])
+                n_logged += 1
             else:
                 skipped_total += 1
                 bad_in_a_row += 1
                 log(f"warning: non-finite loss or gradient at step {step}; update skipped")
                 if bad_in_a_row >= 20:
-                    step -= 1
-                    raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row; stopped at "
-                                       f"step {step} (checkpoint holds the last good state)")
+                    step -= bad_in_a_row
+                    raise FloatingPointError(
+                        f"{bad_in_a_row} non-finite steps in a row; stopped (the checkpoint "
+                        "holds the last good state)")
             bar.update(1)
-            # 5. log, sample, checkpoint
+            # 5. log (losses averaged over ranks), sample, checkpoint: rank 0 only
             if step % cfg.log_every == 0 or step == cfg.train_steps:
-                n = max(1, cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
-                loss_m, vb_m, ce_m = (sums / n).tolist()
+                if world > 1:
+                    torch.distributed.all_reduce(sums)
+                    sums /= world
+                loss_m, vb_m, ce_m = (sums / max(1, n_logged)).tolist()
                 sums.zero_()
+                n_logged = 0
                 row = {"step": step, "loss": loss_m, "vb_bpd": vb_m, "ce_bpd": ce_m,
                        "lr": sched.get_last_lr()[0], "skipped_steps": skipped_total,
                        "elapsed_s": round(time.time() - t_start, 1)}
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
                 bar.set_postfix(loss=f"{loss_m:.4f}", vb=f"{vb_m:.4f}", ce=f"{ce_m:.4f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.train_steps:
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.train_steps and rank == 0:
                 write_samples(cfg, d3pm, ema.module, data, device, f"step{step}")
             if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
                 checkpoint()
             if stop.signal:
                 checkpoint()
-                bar.close()
                 log(f"{stop.signal} received: checkpoint saved at step {step} in "
-                    f"{os.path.join(cfg.out, 'checkpoint.pt')}; resume with --resume")
+                    f"{os.path.join(cfg.out, 'checkpoint.pt')}; continue with --resume")
                 return {"step": step, "interrupted": True}
-    except RuntimeError:
+    except FloatingPointError:
         checkpoint()
         raise
     finally:
         bar.close()
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        if world > 1 and step >= cfg.train_steps:
+            _check_ranks_agree(net, log)
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return {"step": step}
 
     # 6. at the end: samples from the EMA weights and the test NLL (full bound)
     _, grid = write_samples(cfg, d3pm, ema.module, data, device, "final")
@@ -1201,6 +1260,20 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
         f.write(json.dumps(result) + "\n")
     log(f"test NLL {nll:.4f} bits/dim on {result['eval_images']} test images; samples in {grid}")
     return result
+
+
+def _check_ranks_agree(net, log):
+    """DDP keeps replicas identical; verify it at the end (a desync would be a silent bug)."""
+    import torch.distributed as dist
+    flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+    weights = 1 + torch.arange(len(flat), device=flat.device) % 9973
+    mine = torch.stack([flat.sum(), (flat * weights).sum()])
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    same = all(torch.equal(g, gathered[0]) for g in gathered)
+    log(f"weights identical across {len(gathered)} ranks: {same}")
+    if not same:
+        raise RuntimeError("DDP replicas diverged: weights differ across ranks")
 
 
 def evaluate_only(cfg, d3pm, net, data, device, log):
@@ -1230,24 +1303,24 @@ def evaluate_only(cfg, d3pm, net, data, device, log):
 
 # ---------------------------------------------------------------------------- command line
 
-def _field_comments():
-    """The comment after each Config field, used as its --help text."""
+def _field_comments(config_cls):
+    """The comment after each config field, used as its --help text."""
     import inspect
     import re
     comments = {}
-    for line in inspect.getsource(Config).splitlines():
-        m = re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2)
+    for cls in reversed(config_cls.__mro__[:-1]):
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
     return comments
 
 
-def make_parser(description=__doc__):
+def make_parser(description=__doc__, config_cls=Config):
     import argparse
-    parser = argparse.ArgumentParser(description=description.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    comments = _field_comments()
-    for f in dataclasses.fields(Config):
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    comments = _field_comments(config_cls)
+    for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = comments.get(f.name, "")
         if f.type is bool or f.type == "bool":
@@ -1261,15 +1334,19 @@ def make_parser(description=__doc__):
     return parser
 
 
-def main(argv=None, train_fn=train, description=__doc__):
+def main(argv=None, run=None, description=__doc__, config_cls=Config, presets=PRESETS,
+         model_fields=MODEL_FIELDS, validate=None):
     """Parse flags, run, and turn bad input into one line on stderr with exit status 2."""
-    parser = make_parser(description)
-    given = vars(parser.parse_args(argv))
+    run = run or train
+    given = vars(make_parser(description, config_cls).parse_args(argv))
     try:
         ckpt = load_checkpoint(given["resume"]) if given.get("resume") else None
-        cfg = resolve_config(given, ckpt["config"] if ckpt else None)
+        cfg = resolve_config(given, ckpt["config"] if ckpt else None, config_cls, presets,
+                             model_fields)
         validate_config(cfg)
-        train_fn(cfg)
+        if validate is not None:
+            validate(cfg)
+        run(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -154,15 +154,16 @@ class D3PM(nn.Module):
                 Q[t - 1], Q_bar[t] = Q_t.float(), acc.float()
             buf("Q", Q)                      # [T, K, K]; Q[t-1] = Q_t (symmetric)
             buf("Q_bar", Q_bar)              # [T+1, K, K]; Q_bar[t] = Q̄_t
-            buf("stationary", torch.full((S,), 1.0 / S))  # Q_t is doubly stochastic
+            stationary = torch.full((S,), 1.0 / S, dtype=torch.float64)  # Q_t is doubly stochastic
         else:
             alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
             buf("alpha_bar64", alpha_bar)    # float64 [T+1]; alpha_bar[t] = ᾱ_t, ᾱ_0 = 1
             buf("alpha_bar", alpha_bar.float())
             buf("one_minus_alpha_bar", (1 - alpha_bar).float())  # exact near ᾱ ≈ 1
-            s = (torch.full((S,), 1.0 / S) if transition == "uniform"
-                 else F.one_hot(torch.tensor(self.absorbing_state), S).double())
-            buf("stationary", s.float())
+            stationary = (torch.full((S,), 1.0 / S, dtype=torch.float64) if transition == "uniform"
+                          else F.one_hot(torch.tensor(self.absorbing_state), S).double())
+        buf("stationary64", stationary)      # the stationary distribution s, float64 [S]
+        buf("stationary", stationary.float())
 
     # -------------------------------------------------------------------------------- helpers
     def _log(self, p):
@@ -201,7 +202,7 @@ class D3PM(nn.Module):
         """Q_t as an explicit float64 [S, S] matrix (for tests and figures)."""
         if self.transition == "gaussian":
             return gaussian_Q(self.betas64[t - 1], self.num_classes)
-        beta, s = self.betas64[t - 1], self.stationary.double()
+        beta, s = self.betas64[t - 1], self.stationary64
         return (1 - beta) * torch.eye(self.num_states, dtype=torch.float64, device=s.device) + beta * s
     
     def Q_bar_matrix(self, t):
@@ -212,7 +213,7 @@ class D3PM(nn.Module):
             for r in range(1, t + 1):
                 acc = acc @ self.Q_matrix(r)
             return acc
-        a, s = self.alpha_bar64[t], self.stationary.double()
+        a, s = self.alpha_bar64[t], self.stationary64
         return a * torch.eye(S, dtype=torch.float64, device=s.device) + (1 - a) * s
 
     # ---------------------------------------------------------------- forward process q
@@ -747,6 +748,7 @@ class Config:
     sample_only: bool = False         # with --resume: write samples.pt, a grid and a GIF
     eval_only: bool = False           # with --resume: print the test NLL (bits/dim) as JSON
     preset: str = ""                  # cpu | heart: named settings, overridden by flags
+    figures: bool = False             # write the teaching figures (into --out, default contents/)
 
 
 PRESETS = {
@@ -1057,7 +1059,7 @@ def resolve_config(given, ckpt_config=None, config_cls=Config, presets=PRESETS,
                 raise UsageError(f"checkpoint was trained with {name}={ckpt_config[name]!r}, "
                                  f"but --{name.replace('_', '-')} {given[name]!r} was asked for")
         values.update({k: v for k, v in ckpt_config.items() if k in config_cls.__dataclass_fields__})
-        for mode in ("resume", "sample_only", "eval_only"):
+        for mode in ("resume", "sample_only", "eval_only", "figures"):
             values.pop(mode, None)
     values.update(given)
     return config_cls(**values)
@@ -1346,7 +1348,11 @@ def main(argv=None, run=None, description=__doc__, config_cls=Config, presets=PR
         validate_config(cfg)
         if validate is not None:
             validate(cfg)
-        run(cfg)
+        if cfg.figures:
+            import figures
+            figures.make_figures(cfg, out_dir=given.get("out", "contents"))
+        else:
+            run(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

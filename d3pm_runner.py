@@ -316,7 +316,10 @@ class D3PM(nn.Module):
         ±∞: the softmax over the K logits renormalises (the official code's "truncated" form).
         """
         K = self.num_classes
-        loc, log_scale = loc.float().unsqueeze(-1), log_scale.float().unsqueeze(-1)
+        # The clamp keeps 1/s finite (exp(2 + 1e4) = inf turns the bins into inf * 0 = NaN);
+        # e^{±20} is far beyond any useful scale (a bin is 2/(K-1) wide). Not in the official code.
+        log_scale = log_scale.float().clamp(-20.0, 20.0).unsqueeze(-1)
+        loc = loc.float().unsqueeze(-1)
         inv_scale = torch.exp(2.0 - log_scale)
         centers = torch.linspace(-1.0, 1.0, K, device=loc.device) - loc
         half_width = 1.0 / (K - 1)
@@ -485,11 +488,13 @@ class D3PM(nn.Module):
         return torch.randint(0, self.num_classes, shape, generator=generator, device=device)
 
     def _gaussian_skip(self, t, s):
-        """Q_{s→t} = Q_{s+1} ... Q_t, float64 product stored as float32 (S, S)."""
+        """Q_{s→t}ᵀ for Q_{s→t} = Q_{s+1} ... Q_t: row x_t holds q(x_t | x_s = i) for every i.
+        Each Q_r is symmetric but their product need not be, hence the transpose. float64
+        product, stored as float32 (S, S)."""
         acc = torch.eye(self.num_states, dtype=torch.float64, device=self.betas.device)
         for r in range(s + 1, t + 1):
             acc = acc @ self.Q_matrix(r)
-        return acc.float()
+        return acc.T.contiguous().float()
 
     def _guided_x0_logits(self, x_t, t, cond, guidance):
         """x̃_0 logits; with guidance w, those of the conditional and unconditional model are
@@ -515,7 +520,7 @@ class D3PM(nn.Module):
         def p_of(x0_logits):
             if s == 0:
                 return x0_logits
-            if skip is not None:  # gaussian jump over several steps
+            if skip is not None:  # gaussian: row x_t of Q_{s→t}ᵀ (Q_t itself for one step)
                 fact1 = skip[x_t]
                 fact2 = self._probs_from(torch.softmax(x0_logits, -1), ss)
                 return self._log(fact1) + self._log(fact2)
@@ -793,8 +798,9 @@ def validate_config(cfg):
               (0 <= cfg.label_dropout < 1, "--label-dropout must be in [0, 1)"),
               (cfg.num_samples >= 1, "--num-samples must be >= 1"),
               (cfg.eval_images >= 0, "--eval-images must be >= 0"),
-              (min(cfg.log_every, cfg.checkpoint_every) >= 1 and cfg.eval_every >= 0,
-               "--log-every and --checkpoint-every must be >= 1, --eval-every >= 0")]
+              (cfg.log_every >= 1, "--log-every must be >= 1"),
+              (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+              (cfg.eval_every >= 0, "--eval-every must be >= 0 (0 = only at the end)")]
     for ok, message in checks:
         if not ok:
             raise UsageError(f"{message}, got {_offending(message, cfg)}")
@@ -1115,6 +1121,8 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     rank, world, device = setup_distributed(cfg)
     if rank != 0:
         log = lambda *a, **k: None  # noqa: E731  (rank 0 alone logs, samples and saves)
+    elif cfg.eval_only and log is print:  # stdout carries the one JSON line alone
+        log = lambda *a, **k: print(*a, file=sys.stderr, **k)  # noqa: E731
     torch.manual_seed(cfg.seed)   # identical initial weights on every rank
     _check_in_outdir(cfg)
     data = build_data(cfg)
@@ -1150,7 +1158,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     log(f"{type(net).__name__}: {count_parameters(net):,} parameters; {cfg.transition} "
         f"transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}"
         + (f" x {world} processes" if world > 1 else ""))
-    if rank == 0:
+    if rank == 0 and not (cfg.sample_only or cfg.eval_only):
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
 
@@ -1252,6 +1260,8 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             torch.distributed.destroy_process_group()
     if rank != 0:
         return {"step": step}
+    if not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+        checkpoint()  # --train-steps 0, or a resume that had nothing left to do
 
     # 6. at the end: samples from the EMA weights and the test NLL (full bound)
     _, grid = write_samples(cfg, d3pm, ema.module, data, device, "final")
@@ -1356,6 +1366,9 @@ def main(argv=None, run=None, description=__doc__, config_cls=Config, presets=PR
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # too many non-finite steps: already checkpointed
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

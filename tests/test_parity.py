@@ -45,16 +45,6 @@ QSAMPLE_MIN_FRAC, TRAJ_MIN_FRAC = 0.999, 0.995
 TIE_ATOL, TIE_RTOL = 2e-4, 1e-4  # an argmax mismatch within this score gap is a near-tie
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny; intra-op threads only add overhead (and stall badly on a
-    loaded machine). Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------- fixture
 
 

@@ -627,6 +627,45 @@ def test_sampler_reproduces_known_distribution(transition, absorbing_state, sche
     assert p_value > 1e-3, f"output does not follow the push-forward of q(x_1): p = {p_value:.2e}"
 
 
+JUMP_CASES = [  # (transition, absorbing_state, schedule, x_T per pixel); K = 8, T = 5
+    ("uniform", None, torch.tensor([0.1, 0.3, 0.2, 0.4, 0.3], dtype=F64), (0, 5)),
+    ("absorbing", None, None, (4, 4)),                  # jsd: x_T = m = K//2 with certainty
+    # β alternating 1.0 / 0.2: eq. 8 matrices with different β do not commute at K >= 4, so the
+    # jump matrix Q_{s→t} = Q_{s+1}...Q_t is NOT symmetric; its column x_t differs from its row.
+    ("gaussian", None, torch.tensor([0.5, 1.0, 0.2, 1.0, 0.2], dtype=F64), (0, 6)),
+]
+
+
+@pytest.mark.parametrize("transition,absorbing_state,schedule,x_T", JUMP_CASES,
+                         ids=["uniform", "absorbing", "gaussian"])
+def test_strided_jumps_sample_the_exact_reverse_conditional(transition, absorbing_state, schedule, x_T):
+    """steps=3 of T=5 visits t = 5, 3, 1. With the exact predictor p̃ ∝ π (see above) and a fixed
+    x_5 = c, the state after the first jump must follow q(x_3 | x_5 = c) ∝ q(x_3) Q_4Q_5[x_3, c]
+    and the state after the second jump q(x_1 | x_5 = c) ∝ q(x_1) Q_2Q_3Q_4Q_5[x_1, c]."""
+    K, T, N = 8, 5, 20000
+    S = num_states(transition, K, absorbing_state)
+    betas = ref_betas(DEFAULT_SCHEDULE[transition], T) if schedule is None else schedule
+    Q, Q_bar = ref_Qs(transition, betas, K, absorbing_state)
+    pi = torch.softmax(torch.tensor([[0.0, 0.5, 1.5, 0.2, 2.0, 0.1, 1.0, 0.3],
+                                     [1.0, 0.0, 0.3, 2.0, 0.4, 1.5, 0.0, 0.8]], dtype=F64), -1)
+    d3pm = make(transition, K, T, model=ExactReverseModel(pi, Q[1]), absorbing_state=absorbing_state,
+                schedule=None if schedule is None else schedule.clone(), eps=0.0)
+    x_init = img(torch.tensor(x_T).expand(N, 2).contiguous())
+    g = torch.Generator().manual_seed(99)
+    _, traj = d3pm.sample((N, 1, 1, 2), steps=3, generator=g, return_trajectory=True, x_init=x_init)
+    assert traj["t"].tolist() == [5, 3, 1]
+    for row, s in [(1, 3), (2, 1)]:
+        jump = torch.linalg.multi_dot([Q[r] for r in range(s + 1, T + 1)])     # Q_{s→T}
+        x_s = traj["x_t"][row].reshape(N, 2)
+        for d in range(2):
+            want = (pi[d] @ Q_bar[s][:K]) * jump[:, x_T[d]]                     # q(x_s) q(x_T | x_s)
+            p_value = chisquare_pvalue(x_s[:, d], want / want.sum())
+            assert p_value > 1e-3, f"x_{s} | x_{T} = {x_T[d]} (pixel {d}): p = {p_value:.2e}"
+            if transition == "gaussian" and s == 3:  # power: reading the jump's row is rejected
+                wrong = (pi[d] @ Q_bar[s][:K]) * jump[x_T[d], :]
+                assert chisquare_pvalue(x_s[:, d], wrong / wrong.sum()) < 1e-6
+
+
 def test_q_sample_matches_q_probs():
     K, T, N = 4, 10, 20000
     for transition, absorbing_state in CONFIGS:

@@ -223,9 +223,11 @@ class D3PM(nn.Module):
         x: long (B, ...) or float (B, ..., S); t: long [B] in 0..T -> float32 (B, ..., S).
         """
         if self.transition == "gaussian":
-            if x.dtype.is_floating_point:  # (B, N, S) @ (B, S, S), one matrix per example
-                return torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]),
-                                 self.Q_bar[t]).view(x.shape)
+            if x.dtype.is_floating_point:  # (B, N, S) @ (B, S, S), one matrix per example,
+                # in float32 even inside the training loop's bf16 autocast
+                with torch.autocast(x.device.type, enabled=False):
+                    return torch.bmm(x.float().reshape(x.shape[0], -1, x.shape[-1]),
+                                     self.Q_bar[t]).view(x.shape)
             return self.Q_bar[t.view(-1, *([1] * (x.dim() - 1))), x]
         if x.dtype.is_floating_point:
             a = self._per_example(self.alpha_bar[t], x[..., 0])

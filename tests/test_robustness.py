@@ -259,3 +259,22 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(fake_mnist, tmp_p
     assert "warning: non-finite loss or gradient at step 5;" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 39 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("transition", TRANSITIONS)
+def test_diffusion_math_stays_float32_under_bf16_autocast(transition):
+    """The training loop runs the loss under bf16 autocast; only the network may drop to bf16.
+    (The Gaussian's p̃ Q̄ product is a bmm, which autocast would otherwise run in bf16.)"""
+    K, T = 256, 10
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1, 4, 4, K, generator=g)
+    d = D3PM(lambda x, t, c: logits, T, K, transition)
+    x_0 = torch.randint(0, K, (4, 1, 4, 4), generator=g)
+    t = torch.tensor([1, 2, 5, 10])
+    x_t = d.q_sample(x_0, t, generator=g)
+    plain = d.loss_terms(x_0, x_t, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = d.loss_terms(x_0, x_t, t)
+    for k in plain:
+        assert auto[k].dtype == torch.float32
+        torch.testing.assert_close(auto[k], plain[k], rtol=1e-6, atol=1e-6)

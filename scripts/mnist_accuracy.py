@@ -35,13 +35,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", required=True)
     p.add_argument("--samples", required=True, help="samples.pt from --sample-only")
+    p.add_argument("--num-classes", type=int, default=0,
+                   help="K of the samples (default: config.json beside them, else max + 1)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     s = torch.load(args.samples, weights_only=True)
     images, labels = s["images"], s["labels"]
-    K = int(json.load(open(os.path.join(os.path.dirname(args.samples), "config.json")))["num_classes"]) \
-        if os.path.exists(os.path.join(os.path.dirname(args.samples), "config.json")) else int(images.max()) + 1
+    config = os.path.join(os.path.dirname(args.samples), "config.json")
+    K = args.num_classes or (json.load(open(config))["num_classes"] if os.path.exists(config)
+                             else int(images.max()) + 1)
     data = load_mnist(args.data_root, K)
     torch.manual_seed(args.seed)
     net = classifier()

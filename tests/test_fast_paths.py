@@ -1,0 +1,163 @@
+"""The fast paths of d3pm_runner.D3PM against its explicit forms (D3PM, arXiv:2107.03006).
+
+Run:  python -m pytest tests/test_fast_paths.py -q      (CPU, a few seconds)
+
+  1. the closed-form loss of uniform/absorbing (`_vb_closed_form`) equals the KL and decoder NLL
+     composed from the explicit q_posterior_logits and p_logits, values and gradients
+  2. q_sample without noise (exact O(1)-per-pixel draws) follows q_probs (chi-square)
+  3. the mixture sampler (`_step_mixture`) and the Gumbel-max step sample the same p_θ(x_s | x_t),
+     one step and a strided jump (chi-square, per pixel, against the exact probabilities)
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from d3pm_runner import D3PM  # noqa: E402
+
+F64 = torch.float64
+CONFIGS = [("uniform", None), ("absorbing", None), ("absorbing", "mask"), ("absorbing", 0)]
+CONFIG_IDS = ["uniform", "absorbing", "absorbing_mask", "absorbing0"]
+
+
+def chisquare_pvalue(samples, probs):
+    """Pearson chi-square p-value of integer samples [N, P] against per-column probabilities
+    probs [P, S] (float64), the P columns independent (statistics and dof add up). Cells of
+    probability 0 must stay empty (else p = 0)."""
+    samples, probs = samples.reshape(samples.shape[0], -1), probs.reshape(-1, probs.shape[-1])
+    stat, df = torch.zeros((), dtype=F64), 0
+    for col, p in zip(samples.T, probs):
+        counts = torch.bincount(col, minlength=p.numel()).to(F64)
+        zero = p <= 1e-15
+        if counts[zero].sum() > 0:
+            return 0.0
+        expected = counts.sum() * p[~zero] / p[~zero].sum()
+        stat = stat + ((counts[~zero] - expected) ** 2 / expected).sum()
+        df += int((~zero).sum()) - 1
+    if df == 0:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=F64), stat / 2))
+
+
+class FixedLogits(torch.nn.Module):
+    """x0_model whose logits depend only on the pixel position: logits (D, K) -> (B, 1, 1, D, K)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, x_t, t, cond=None):
+        return self.logits.expand(x_t.shape + (self.logits.shape[-1],))
+
+
+# ======================================================================= 1. closed-form loss
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+@pytest.mark.parametrize("K", [2, 5, 256])
+@pytest.mark.parametrize("transition,absorbing_state", CONFIGS, ids=CONFIG_IDS)
+def test_closed_form_loss_equals_explicit_kl(transition, absorbing_state, K, eps):
+    T, B, D = 20, 6, 12
+    g = torch.Generator().manual_seed(K)
+    model = FixedLogits(3 * torch.randn(B, 1, 1, D, K, generator=g))
+    model.forward = lambda x_t, t, cond=None: model.logits      # one logit table per example
+    d = D3PM(model, T, K, transition, absorbing_state=absorbing_state, eps=eps)
+    x_0 = torch.randint(0, K, (B, 1, 1, D), generator=g)
+    t = torch.tensor([1, 2, 5, 10, 19, 20])
+    x_t = d.q_sample(x_0, t, generator=g)
+    if eps > 0:  # also x_t outside the support of q(x_t | x_0) (with eps = 0 the KL is +inf)
+        x_t[-1, ..., :3] = torch.tensor([0, K - 1, d.num_states - 1])
+
+    terms = d.loss_terms(x_0, x_t, t)
+    grad = torch.autograd.grad(terms["loss"].sum(), model.logits)[0]
+
+    # explicit: KL of the (B, ..., S) distributions for t > 1, -log p_θ(x_0 | x_1) at t = 1
+    log_q = F.log_softmax(d.q_posterior_logits(x_0, x_t, t).double(), -1)
+    log_p = F.log_softmax(d.p_logits(x_t, t).double(), -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    nll = -log_p.gather(-1, x_0.unsqueeze(-1)).squeeze(-1)
+    bits = lambda v: v.reshape(B, -1).mean(1) / math.log(2)  # noqa: E731
+    vb = torch.where(t == 1, bits(nll), bits(kl))
+    ce = bits(-F.log_softmax(model.logits.double(), -1).gather(-1, x_0.unsqueeze(-1)).squeeze(-1))
+    loss = vb + d.hybrid_coeff * ce
+    want_grad = torch.autograd.grad(loss.sum(), model.logits)[0]
+
+    torch.testing.assert_close(terms["vb"].double(), vb, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(terms["ce"].double(), ce, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), want_grad.double(), atol=1e-5, rtol=1e-4)
+    assert bool(torch.isfinite(terms["loss"]).all())
+
+
+# ==================================================================== 2. exact q_sample
+
+
+@pytest.mark.parametrize("transition,absorbing_state", CONFIGS + [("gaussian", None)],
+                         ids=CONFIG_IDS + ["gaussian"])
+def test_q_sample_without_noise_follows_q_probs(transition, absorbing_state):
+    K, T, N = 6, 10, 20000
+    d = D3PM(None, T, K, transition, schedule=torch.linspace(0.1, 0.9, T, dtype=F64),
+             absorbing_state=absorbing_state)
+    g = torch.Generator().manual_seed(3)
+    for t in (1, 4, T):
+        x_0 = torch.tensor([0, 2, K - 1]).repeat(N, 1).view(N, 1, 1, 3)
+        tt = torch.full((N,), t)
+        x_t = d.q_sample(x_0, tt, generator=g)
+        p = chisquare_pvalue(x_t.view(N, 3), d.Q_bar_matrix(t)[[0, 2, K - 1]])
+        assert p > 1e-3, (transition, t, p)
+        # power: the same samples against q(x_t | x_0) at another t are rejected
+        if t == 4:
+            assert chisquare_pvalue(x_t.view(N, 3), d.Q_bar_matrix(2)[[0, 2, K - 1]]) < 1e-6
+
+
+# ================================================================ 3. the mixture sampler
+
+
+STEP_CASES = [(10, 9), (5, 4), (2, 1), (9, 3)]  # (t, s): single steps and a strided jump
+
+
+@pytest.mark.parametrize("t,s", STEP_CASES, ids=[f"t{t}_s{s}" for t, s in STEP_CASES])
+@pytest.mark.parametrize("transition,absorbing_state", CONFIGS, ids=CONFIG_IDS)
+def test_mixture_step_and_gumbel_step_sample_the_same_distribution(transition, absorbing_state, t, s):
+    """Both paths against the exact p_θ(x_s | x_t) ∝ Σ_x̃0 q(x_s, x_t | x̃_0) p̃_θ(x̃_0 | x_t)
+    (eps = 0), per pixel, for pixels whose x_t is each possible state."""
+    K, T, N = 4, 10, 20000
+    g = torch.Generator().manual_seed(t * 10 + s)
+    d = D3PM(None, T, K, transition, absorbing_state=absorbing_state, eps=0.0,
+             schedule=torch.linspace(0.05, 0.5, T, dtype=F64))
+    S = d.num_states
+    D = S                                                     # pixel d has x_t = d
+    d.x0_model = FixedLogits(torch.randn(D, K, generator=g) * 1.5)
+    x_t = torch.arange(S).repeat(N, 1).view(N, 1, 1, D)
+    tt, ss = torch.full((1,), t), torch.full((1,), s)
+    with torch.no_grad():
+        exact = torch.softmax(d._posterior_logits(d.model_logits(x_t[:1], tt), x_t[:1], tt, ss)
+                              .double(), -1).view(D, S)
+        fast, _ = d._step(x_t, t, s, generator=g)
+        noise = torch.rand(x_t.shape + (S,), generator=g, dtype=F64)
+        gumbel, _ = d._step(x_t, t, s, noise=noise)
+        # power check below: the exact distribution of another step must be rejected
+        other = torch.full((1,), 1 if s > 1 else 2)
+        wrong = torch.softmax(d._posterior_logits(d.model_logits(x_t[:1], tt), x_t[:1], tt, other)
+                              .double(), -1).view(D, S)
+    for name, x_s in (("mixture", fast), ("gumbel", gumbel)):
+        p = chisquare_pvalue(x_s.view(N, D), exact)
+        assert p > 1e-4, (name, p)  # 32 such checks in this file: 1e-4 keeps false alarms rare
+    if (wrong - exact).abs().max() > 0.02:
+        assert chisquare_pvalue(fast.view(N, D), wrong) < 1e-6
+
+
+def test_sample_uses_the_mixture_step_and_p_sample_with_noise_does_not(monkeypatch):
+    d = D3PM(FixedLogits(torch.zeros(3, 4)), 5, 4, "uniform")
+    calls = []
+    real = d._step_mixture
+    monkeypatch.setattr(d, "_step_mixture", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    d.sample((2, 1, 1, 3), generator=torch.Generator().manual_seed(0))
+    assert calls == [5, 4, 3, 2]                              # t = 1 is the argmax step
+    calls.clear()
+    d.p_sample(torch.zeros(2, 1, 1, 3, dtype=torch.long), 3, noise=torch.rand(2, 1, 1, 3, 4))
+    d.sample((2, 1, 1, 3), guidance=1.0)
+    assert calls == []

@@ -247,9 +247,10 @@ class D3PM(nn.Module):
             # Only s = t-1 comes here (the sampler's jumps use `_gaussian_skip`).
             # Q_t is symmetric, so its column x_t is its row x_t.
             return self.Q[(t - 1).view(-1, *([1] * (x_t.dim() - 1))), x_t]
-        ratio = self.alpha_bar[t] / self.alpha_bar[s].clamp_min(torch.finfo(torch.float32).tiny)
-        # For s = t-1 the ratio is 1-β_t; take β_t itself where we can, for precision.
-        one_minus = torch.where(s == t - 1, self.betas[(t - 1).clamp_min(0)], 1 - ratio)
+        # 1 - ᾱ_t/ᾱ_s in float64 (in float32 it loses digits when the ratio is near one);
+        # for s = t-1 it is β_t itself.
+        ratio = self.alpha_bar64[t] / self.alpha_bar64[s].clamp_min(torch.finfo(torch.float64).tiny)
+        one_minus = torch.where(s == t - 1, self.betas[(t - 1).clamp_min(0)], (1 - ratio).float())
         off = self._per_example(one_minus, x_t) * self.stationary[x_t].unsqueeze(-1)
         diag = self._per_example(1 - one_minus, x_t) + off
         return torch.where(self._one_hot(x_t), diag, off)

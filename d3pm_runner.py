@@ -55,7 +55,7 @@ def get_betas(name, num_timesteps):
 DEFAULT_SCHEDULE = {"uniform": "cosine", "absorbing": "jsd", "gaussian": "linear"}
 
 
-def gaussian_Q(beta, num_classes):
+def gaussian_Q(beta, num_classes, device=None):
     """Discretized-Gaussian Q_t, float64 (K, K)   [D3PM eq. 8, App. A.2.2].
 
     Q[i, j] = exp(-4|i-j|² / ((K-1)² β)) / Σ_{n=-(K-1)}^{K-1} exp(-4n² / ((K-1)² β)) for i ≠ j,
@@ -64,9 +64,9 @@ def gaussian_Q(beta, num_classes):
     matrix is the identity); we follow the paper for every K.
     """
     K = num_classes
-    n = torch.arange(-(K - 1), K, dtype=torch.float64)
+    n = torch.arange(-(K - 1), K, dtype=torch.float64, device=device)
     p = torch.softmax(-4.0 * n**2 / ((K - 1) ** 2 * float(beta)), dim=0)[K - 1:]  # p_|i-j|
-    idx = torch.arange(K)
+    idx = torch.arange(K, device=device)
     Q = p[(idx[:, None] - idx[None, :]).abs()]  # symmetric by construction
     Q.fill_diagonal_(0.0)
     Q += torch.diag(1.0 - Q.sum(1))
@@ -201,7 +201,7 @@ class D3PM(nn.Module):
     def Q_matrix(self, t):
         """Q_t as an explicit float64 [S, S] matrix (for tests and figures)."""
         if self.transition == "gaussian":
-            return gaussian_Q(self.betas64[t - 1], self.num_classes)
+            return gaussian_Q(self.betas64[t - 1], self.num_classes, self.betas64.device)
         beta, s = self.betas64[t - 1], self.stationary64
         return (1 - beta) * torch.eye(self.num_states, dtype=torch.float64, device=s.device) + beta * s
     
@@ -556,7 +556,8 @@ class D3PM(nn.Module):
         m = min(num_t, T) - 1
         if m < 2 and m != T - 1:
             raise ValueError(f"num_t must be >= 3 (or T) for a standard error, got {num_t}")
-        rest = 2 + torch.randperm(T - 1, generator=generator)[:m]
+        rest = 2 + torch.randperm(T - 1, generator=generator,
+                                  device=generator.device if generator is not None else "cpu")[:m]
         terms = self.nll_bpd_terms(x_0, cond, [1] + rest.tolist(), generator=generator, **kwargs)
         sampled = terms[:, 1:]
         est = terms[:, 0] + (T - 1) * sampled.mean(1) + self.prior_bpd(x_0)
@@ -577,8 +578,9 @@ class D3PM(nn.Module):
         Each Q_r is symmetric but their product need not be, hence the transpose. float64
         product, stored as float32 (S, S)."""
         acc = torch.eye(self.num_states, dtype=torch.float64, device=self.betas.device)
-        for r in range(s + 1, t + 1):
-            acc = acc @ self.Q_matrix(r)
+        with torch.autocast(acc.device.type, enabled=False):
+            for r in range(s + 1, t + 1):
+                acc = acc @ self.Q_matrix(r)
         return acc.T.contiguous().float()
 
     def _guided_x0_logits(self, x_t, t, cond, guidance):
@@ -679,7 +681,7 @@ class D3PM(nn.Module):
                guidance=0.0, progress=False, x_init=None):
         """Ancestral sampling from x_T ~ stationary down to x_0   [§3.3].
 
-        steps = S < T visits a grid of S timesteps from T down to 1 and jumps between them with
+        steps < T visits a grid of `steps` timesteps from T down to 1 and jumps between them with
         the exact q(x_s | x_t, x̃_0). Noise is drawn in float64 from `generator`.
         Returns x_0 (long, `shape`), or (x_0, trajectory) with trajectory = {"t": [S] grid,
         "x_t": [S+1, *shape] states before each step and the output, "x0_pred": [S, *shape]}.
@@ -693,7 +695,7 @@ class D3PM(nn.Module):
         device = self.betas.device
         grid = torch.linspace(T, 1, steps, dtype=torch.float64).round().long().tolist()
         x = self._prior_sample(tuple(shape), generator, device) if x_init is None else x_init.to(device)
-        states, x0_preds = [x], []
+        states, x0_preds = [x.cpu()], []
         for i in _progress(range(len(grid)), progress, desc="sampling", unit="step"):
             t = grid[i]
             s = grid[i + 1] if i + 1 < len(grid) else 0
@@ -701,9 +703,9 @@ class D3PM(nn.Module):
             if self.transition == "gaussian" and s > 0:
                 skip = self.Q[t - 1] if s == t - 1 else self._gaussian_skip(t, s)
             x, x0 = self._step(x, t, s, cond, guidance, generator=generator, skip=skip)
-            if return_trajectory:
-                states.append(x)
-                x0_preds.append(x0.argmax(-1))
+            if return_trajectory:  # kept on the CPU: T states of a large batch do not fit a GPU
+                states.append(x.cpu())
+                x0_preds.append(x0.argmax(-1).cpu())
         if not return_trajectory:
             return x
         return x, {"t": torch.tensor(grid), "x_t": torch.stack(states), "x0_pred": torch.stack(x0_preds)}
@@ -912,6 +914,7 @@ class Config:
     ema_decay: float = 0.9995         # EMA decay per step for the sampling weights
     seed: int = 0                     # seeds data order, noise and initialisation
     device: str = "auto"              # auto | cpu | cuda
+    precision: str = "bf16"           # bf16 | fp32: the network's arithmetic on CUDA
     # ---- logging, evaluation, checkpoints
     out: str = "runs/mnist"           # run directory
     log_every: int = 100              # steps between metrics.jsonl lines
@@ -954,7 +957,7 @@ class UsageError(Exception):
 def validate_config(cfg):
     choices = {"transition": ("uniform", "absorbing", "gaussian"), "loss_type": ("hybrid", "vb", "ce"),
                "model_output": ("logits", "logistic"), "device": ("auto", "cpu", "cuda"),
-               "absorbing_state": ("mask", "grey"),
+               "absorbing_state": ("mask", "grey"), "precision": ("bf16", "fp32"),
                "schedule": ("default", "cosine", "linear", "jsd")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -1161,32 +1164,51 @@ def save_points(data_pts, model_pts, num_classes, path):
 
 # ------------------------------------------------------------------------ sampling and eval
 
-def draw_samples(cfg, d3pm, net, num_labels, n, shape, device, generator, trajectory=False,
-                 progress=True):
-    """n class-conditional samples with labels 0,0,..,1,1,.. (n // num_labels per class)."""
-    labels = torch.arange(num_labels, device=device).repeat_interleave(max(1, n // num_labels))[:n]
-    with using_model(d3pm, net):
-        return labels, d3pm.sample((len(labels),) + tuple(shape), labels,
-                                   steps=cfg.sample_steps or None, generator=generator,
-                                   return_trajectory=trajectory, guidance=cfg.guidance,
-                                   progress=progress)
+def draw_samples(cfg, d3pm, net, num_labels, n, shape, device, generator, trajectory=False):
+    """n class-conditional samples, labels 0,0,..,1,1,.. (n // num_labels per class), drawn in
+    batches of cfg.batch_size. The first batch is the preview: up to 10 samples per class, whose
+    reverse process is kept (on the CPU) when `trajectory` is set, for the grid and the GIF.
+    Returns (labels [n], x [n, ...] long on the CPU, preview indices, trajectory or None)."""
+    labels = torch.arange(num_labels).repeat_interleave(max(1, n // num_labels))[:n]
+    preview = torch.cat([(labels == c).nonzero().flatten()[:10] for c in range(num_labels)])
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[preview] = False
+    batches = [preview] + list(rest.nonzero().flatten().split(cfg.batch_size))
+    x, traj = torch.empty((len(labels),) + tuple(shape), dtype=torch.long), None
+    with using_model(d3pm, net), autocast_for(device, cfg.precision):
+        for i, idx in enumerate(_progress(batches, len(batches) > 1, desc="sampling batches")):
+            if len(idx) == 0:
+                continue
+            out = d3pm.sample((len(idx),) + tuple(shape), labels[idx].to(device),
+                              steps=cfg.sample_steps or None, generator=generator,
+                              return_trajectory=trajectory and i == 0, guidance=cfg.guidance,
+                              progress=i == 0)
+            if trajectory and i == 0:
+                out, traj = out
+            x[idx] = out.cpu()
+    return labels, x, preview, traj
+
+
+def save_previews(cfg, x, labels, preview, traj, png, gif):
+    """The grid (a row per class) and the reverse-process GIF of the preview samples."""
+    nrow = max(1, int((labels[preview] == labels[preview][0]).sum()))
+    save_grid(x[preview], cfg.num_classes, png, nrow)
+    save_gif(traj["x_t"], cfg.num_classes, gif, nrow)
 
 
 def write_samples(cfg, d3pm, net, data, device, tag):
     """A PNG grid (a row per class) and a GIF of the reverse process into cfg.out."""
     g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     shape = data.train_x.shape[1:]
-    if cfg.dataset == "heart":
-        _, x = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples, shape, device, g)
+    heart = cfg.dataset == "heart"
+    labels, x, preview, traj = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples,
+                                            shape, device, g, trajectory=not heart)
+    if heart:
         path = os.path.join(cfg.out, f"heart_{tag}.png")
-        save_points(data.test_x[:cfg.num_samples], x.cpu(), cfg.num_classes, path)
+        save_points(data.test_x[:cfg.num_samples], x, cfg.num_classes, path)
         return x, path
-    labels, (x, traj) = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples, shape,
-                                     device, g, trajectory=True)
-    nrow = max(1, cfg.num_samples // data.num_labels)
     path = os.path.join(cfg.out, f"samples_{tag}.png")
-    save_grid(x, cfg.num_classes, path, nrow)
-    save_gif(traj["x_t"], cfg.num_classes, os.path.join(cfg.out, f"reverse_{tag}.gif"), nrow)
+    save_previews(cfg, x, labels, preview, traj, path, os.path.join(cfg.out, f"reverse_{tag}.gif"))
     return x, path
 
 
@@ -1196,7 +1218,7 @@ def test_nll(cfg, d3pm, net, data, device):
     if n == 0:
         return float("nan")
     total, g = 0.0, torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    with using_model(d3pm, net):
+    with using_model(d3pm, net), autocast_for(device, cfg.precision):
         for i in _progress(range(0, n, cfg.batch_size), True, desc="test NLL (batches)"):
             x = data.test_x[i:i + min(cfg.batch_size, n - i)].to(device)
             y = data.test_y[i:i + len(x)].to(device)
@@ -1261,10 +1283,11 @@ class StopRequested:
         self.signal = signal.Signals(signum).name
 
 
-def autocast_for(device):
-    """bf16 autocast for the network on CUDA; a null context on CPU. The diffusion
-    log-probabilities are computed in float32 either way (the networks return float32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast_for(device, precision="bf16"):
+    """bf16 autocast for the network on CUDA; a null context on CPU or with precision fp32. The
+    diffusion log-probabilities are computed in float32 either way (the networks return float32)."""
+    use = device.type == "cuda" and precision == "bf16"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if use else nullcontext()
 
 
 def setup_distributed(cfg):
@@ -1351,6 +1374,9 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
 
     if cfg.sample_only or cfg.eval_only:
+        if world > 1:
+            raise UsageError("--sample-only and --eval-only run in one process; start them "
+                             "without torchrun")
         return evaluate_only(cfg, d3pm, ema.module, data, device, log)
 
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
@@ -1372,15 +1398,19 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             drop = torch.rand(y.shape, device=device) < cfg.label_dropout
             y = torch.where(drop, torch.full_like(y, data.num_labels), y)
             # 3. corrupt x_0 and compute the loss (t ~ U{1..T}, x_t ~ q(x_t|x_0); eq. 5)
-            with autocast_for(device):
+            with autocast_for(device, cfg.precision):
                 loss, info = d3pm(x_0, y)
             # 4. step, unless the loss or gradient is not finite
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
+            # [finite, not stopping]: any rank's NaN skips the step everywhere, and any rank's
+            # Ctrl-C/SIGTERM stops every rank at the same step (else the others hang in DDP).
+            flags = torch.stack([(torch.isfinite(loss) & torch.isfinite(grad_norm)).float(),
+                                 torch.tensor(float(stop.signal is None), device=device)])
             if world > 1:
-                torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
+                torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MIN)
+            finite, stop_now = flags[0], not bool(flags[1])
             step += 1
             if bool(finite):
                 opt.step()
@@ -1418,9 +1448,10 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
                 write_samples(cfg, d3pm, ema.module, data, device, f"step{step}")
             if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
                 checkpoint()
-            if stop.signal:
+            if stop_now:
                 checkpoint()
-                log(f"{stop.signal} received: checkpoint saved at step {step} in "
+                log(f"{stop.signal or 'a stop signal on another rank'} received: checkpoint saved "
+                    f"at step {step} in "
                     f"{os.path.join(cfg.out, 'checkpoint.pt')}; continue with --resume")
                 return {"step": step, "interrupted": True}
     except FloatingPointError:
@@ -1470,18 +1501,16 @@ def evaluate_only(cfg, d3pm, net, data, device, log):
     """--sample-only: samples.pt + grid + GIF. --eval-only: the test NLL as one JSON line."""
     if cfg.sample_only:
         g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        if cfg.dataset == "heart":
-            labels, x = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples,
-                                     data.train_x.shape[1:], device, g)
-            save_points(data.test_x[:cfg.num_samples], x.cpu(), cfg.num_classes,
+        heart = cfg.dataset == "heart"
+        labels, x, preview, traj = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples,
+                                                data.train_x.shape[1:], device, g, trajectory=not heart)
+        if heart:
+            save_points(data.test_x[:cfg.num_samples], x, cfg.num_classes,
                         os.path.join(cfg.out, "heart_samples.png"))
         else:
-            labels, (x, traj) = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples,
-                                             data.train_x.shape[1:], device, g, trajectory=True)
-            nrow = max(1, cfg.num_samples // data.num_labels)
-            save_grid(x, cfg.num_classes, os.path.join(cfg.out, "samples.png"), nrow)
-            save_gif(traj["x_t"], cfg.num_classes, os.path.join(cfg.out, "reverse.gif"), nrow)
-        torch.save({"images": x.cpu(), "labels": labels.cpu()}, os.path.join(cfg.out, "samples.pt"))
+            save_previews(cfg, x, labels, preview, traj, os.path.join(cfg.out, "samples.png"),
+                          os.path.join(cfg.out, "reverse.gif"))
+        torch.save({"images": x, "labels": labels}, os.path.join(cfg.out, "samples.pt"))
         log(f"wrote {len(x)} samples to {os.path.join(cfg.out, 'samples.pt')}")
     result = {}
     if cfg.eval_only:

@@ -42,11 +42,15 @@ PRESETS = {"fake": dict(dataset="fake", model="DiT-T/2", num_timesteps=20, batch
 MODEL_FIELDS = d3.MODEL_FIELDS + ("model",)
 
 
+@dataclass
 class CifarData(d3.Data):
-    """Random horizontal flips, seeded by the step so a resumed run flips the same images."""
+    """Random horizontal flips, seeded by (seed, step, rank) so a resumed run flips the same
+    images."""
+    seed: int = 0
 
     def augment(self, x, step):
-        g = torch.Generator().manual_seed(step)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 64 + rank)
         flip = (torch.rand(len(x), generator=g) < 0.5).to(x.device)
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
@@ -57,21 +61,27 @@ def build_data(cfg):
         x = torch.randint(0, 256, (96, 3, 32, 32), generator=g, dtype=torch.uint8)
         y = torch.arange(96) % 10
         xq = d3.quantize(x, cfg.num_classes)
-        return CifarData(xq[:64], y[:64], xq[64:], y[64:], num_labels=10)
+        return CifarData(xq[:64], y[:64], xq[64:], y[64:], num_labels=10, seed=cfg.seed)
     if cfg.dataset != "cifar10":
         raise d3.UsageError(f"--dataset must be cifar10 or fake, got {cfg.dataset!r}")
     from torchvision.datasets import CIFAR10
+    dist = torch.distributed
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    if not first:
+        dist.barrier()  # rank 0 downloads alone; the others wait, then read its files
     split = {}
     for train in (True, False):
         try:
-            ds = CIFAR10(cfg.data_root, train=train, download=True)
+            ds = CIFAR10(cfg.data_root, train=train, download=first)
         except Exception as e:
             raise d3.UsageError(f"CIFAR-10 not found under {cfg.data_root} and could not be "
                                 f"downloaded ({type(e).__name__}); put cifar-10-batches-py there "
                                 "or pass --data-root") from None
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (N, 3, 32, 32) uint8
         split[train] = (d3.quantize(x, cfg.num_classes), torch.tensor(ds.targets))
-    return CifarData(*split[True], *split[False], num_labels=10)
+    if first and dist.is_initialized():
+        dist.barrier()
+    return CifarData(*split[True], *split[False], num_labels=10, seed=cfg.seed)
 
 
 def build_model(cfg, data):

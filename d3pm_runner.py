@@ -933,7 +933,7 @@ class Config:
 
 
 PRESETS = {
-    # A 2-core CPU trains class-conditional binarised MNIST in about 13 minutes (README).
+    # A 2-core CPU trains class-conditional binarised MNIST in about 7 minutes (README).
     "cpu": dict(dataset="mnist", num_classes=2, num_timesteps=100, transition="absorbing",
                 model_channels=48, train_steps=3000, batch_size=64, lr=1e-3, warmup_steps=100,
                 ema_decay=0.999, eval_every=0, checkpoint_every=500, log_every=50,

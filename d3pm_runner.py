@@ -56,7 +56,7 @@ DEFAULT_SCHEDULE = {"uniform": "cosine", "absorbing": "jsd", "gaussian": "linear
 
 
 def gaussian_Q(beta, num_classes, device=None):
-    """Discretized-Gaussian Q_t, float64 (K, K)   [D3PM eq. 8, App. A.2.2].
+    """Discretized-Gaussian Q_t, float64 (K, K)   [D3PM eq. 8, §3.1].
 
     Q[i, j] = exp(-4|i-j|² / ((K-1)² β)) / Σ_{n=-(K-1)}^{K-1} exp(-4n² / ((K-1)² β)) for i ≠ j,
     and the diagonal takes the rest of each row. The official code spaces the values as
@@ -86,7 +86,7 @@ class D3PM(nn.Module):
 
     Uniform and absorbing transitions have the form Q_t = (1-β_t) I + β_t 1 sᵀ with s their
     stationary distribution (uniform: 1/K; absorbing: e_m), so Q̄_t = ᾱ_t I + (1-ᾱ_t) 1 sᵀ with
-    ᾱ_t = Π_{r≤t}(1-β_r)   [App. A.2.1, A.2.3]. We use these closed forms and store only
+    ᾱ_t = Π_{r≤t}(1-β_r)   [§3.1, App. A]. We use these closed forms and store only
     β, ᾱ and s (O(T + K) numbers). The discretized Gaussian has no such form: its Q_t and Q̄_t
     are built in float64 and stored as float32 stacks (T x K x K each).
 
@@ -121,7 +121,7 @@ class D3PM(nn.Module):
         self.validate = True   # range checks on inputs (one host sync each); off for speed
 
         # The absorbing state m: the grey value K//2 by default, as the paper does for images
-        # (App. A.2.2: an ordinary pixel value), or "mask": a dedicated extra state m = K.
+        # (an ordinary pixel value), or "mask": a dedicated extra state m = K.
         self.mask_state = transition == "absorbing" and absorbing_state == "mask"
         self.num_states = S = K + 1 if self.mask_state else K
         if transition == "absorbing":
@@ -328,7 +328,8 @@ class D3PM(nn.Module):
         return self._posterior_logits(x_0, x_t, t, t - 1)
 
     def logistic_logits(self, loc, log_scale):
-        """Logits of the truncated discretized logistic over K values   [D3PM App. A.8].
+        """Logits of the truncated discretized logistic over K values (the paper's best CIFAR-10
+        parameterisation; `_get_logits_from_logistic_pars` in the official code).
 
         loc, log_scale: x.shape, loc in [-1, 1]. The K values sit at linspace(-1, 1, K); bin k
         gets σ((c_k - loc + w/2)/s) - σ((c_k - loc - w/2)/s) with w = 2/(K-1) and

@@ -18,7 +18,6 @@ Every test checks a mathematical fact against an independent float64 computation
 Conventions as in d3pm_runner: t in 1..T, Q̄_0 = I, Q[i, j] = q(x_t = j | x_{t-1} = i), class
 axis last. Toy data are laid out as images (B, 1, 1, D) so that "pixels" are the last axis.
 """
-import itertools
 import math
 import os
 import sys
@@ -222,16 +221,24 @@ def check_against_products(transition, absorbing_state, K, T, betas, schedule):
                                    msg=f"q_probs(x_0, {t}) != rows of Q_1...Q_{t}")
 
 
+# hypothesis strategies for a tiny process: transition (and absorbing state), K, T, schedule
+TINY_PROCESSES = dict(config=st.sampled_from(CONFIGS), K=st.integers(3, 5), T=st.integers(4, 6),
+                      seed=st.integers(0, 2**16), default_schedule=st.booleans())
+
+
+def pick_schedule(transition, T, seed, default_schedule):
+    """(schedule argument for D3PM, float64 betas): the transition's default, or random betas."""
+    if default_schedule:
+        return None, ref_betas(DEFAULT_SCHEDULE[transition], T)
+    betas = random_betas(T, seed)
+    return betas.clone(), betas
+
+
 @FEW
-@given(config=st.sampled_from(CONFIGS), K=st.integers(3, 5), T=st.integers(4, 6),
-       seed=st.integers(0, 2**16), default_schedule=st.booleans())
+@given(**TINY_PROCESSES)
 def test_closed_forms_equal_matrix_products(config, K, T, seed, default_schedule):
     transition, absorbing_state = config
-    if default_schedule:
-        schedule, betas = None, ref_betas(DEFAULT_SCHEDULE[transition], T)
-    else:
-        betas = random_betas(T, seed)
-        schedule = betas.clone()
+    schedule, betas = pick_schedule(transition, T, seed, default_schedule)
     check_against_products(transition, absorbing_state, K, T, betas, schedule)
 
 
@@ -311,15 +318,10 @@ def all_valid_triples(Q_bar, K, S, T, t_min=2):
 
 
 @FEW
-@given(config=st.sampled_from(CONFIGS), K=st.integers(3, 5), T=st.integers(4, 6),
-       seed=st.integers(0, 2**16), default_schedule=st.booleans())
+@given(**TINY_PROCESSES)
 def test_posterior_is_bayes_rule(config, K, T, seed, default_schedule):
     transition, absorbing_state = config
-    if default_schedule:
-        schedule, betas = None, ref_betas(DEFAULT_SCHEDULE[transition], T)
-    else:
-        betas = random_betas(T, seed)
-        schedule = betas.clone()
+    schedule, betas = pick_schedule(transition, T, seed, default_schedule)
     S = num_states(transition, K, absorbing_state)
     Q, Q_bar = ref_Qs(transition, betas, K, absorbing_state)
     exact = make(transition, K, T, absorbing_state=absorbing_state, schedule=schedule, eps=0.0)
@@ -643,7 +645,6 @@ def test_strided_jumps_sample_the_exact_reverse_conditional(transition, absorbin
     x_5 = c, the state after the first jump must follow q(x_3 | x_5 = c) ∝ q(x_3) Q_4Q_5[x_3, c]
     and the state after the second jump q(x_1 | x_5 = c) ∝ q(x_1) Q_2Q_3Q_4Q_5[x_1, c]."""
     K, T, N = 8, 5, 20000
-    S = num_states(transition, K, absorbing_state)
     betas = ref_betas(DEFAULT_SCHEDULE[transition], T) if schedule is None else schedule
     Q, Q_bar = ref_Qs(transition, betas, K, absorbing_state)
     pi = torch.softmax(torch.tensor([[0.0, 0.5, 1.5, 0.2, 2.0, 0.1, 1.0, 0.3],

@@ -8,6 +8,7 @@ term against the official JAX code (google-research/d3pm, `images/diffusion_cate
     python d3pm_runner.py --help                                       # every option
 
 Sections, in paper order:
+  0. configuration: one dataclass of named defaults, presets, input validation
   1. schedules and transition matrices Q_t          (paper §3.1, §3.2, App. A.2)
   2. the D3PM class: forward process q               (eq. 1-3)
      posterior q(x_{t-1}|x_t,x_0) and p_θ            (eq. 3, 4)
@@ -21,7 +22,15 @@ S = num_states (K, or K+1 when the absorbing process has its own [MASK] state), 
 Every per-pixel distribution keeps its class axis last: (B, C, H, W, S).
 """
 
+import dataclasses
+import json
 import math
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -30,6 +39,116 @@ import torch.nn.functional as F
 # log(0) as a finite number: exp(LOG_ZERO) == 0 in float32, and unlike -inf it never turns a
 # product 0 * log(0) or a gradient into NaN. Used only where a probability is exactly zero.
 LOG_ZERO = -1e30
+
+
+# ================================================================================================
+# 0. Configuration: every option of a run, with its default and unit (the command line is
+#    generated from it; tests build Config(...) directly)
+# ================================================================================================
+
+@dataclass
+class Config:
+    # ---- data
+    dataset: str = "mnist"            # mnist | heart (the CIFAR runner adds cifar10 | fake)
+    data_root: str = "./data"         # folder holding MNIST/raw (torchvision layout)
+    num_classes: int = 2              # K: states per pixel (mnist: quantisation levels; heart: bins)
+    # ---- process
+    num_timesteps: int = 1000         # T: diffusion steps
+    transition: str = "absorbing"     # uniform | absorbing | gaussian
+    schedule: str = "default"         # default (per transition) | cosine | linear | jsd
+    absorbing_state: str = "mask"     # absorbing only: mask (extra [MASK] state) | grey (K//2)
+    model_output: str = "logits"      # logits | logistic (truncated discretized logistic)
+    loss_type: str = "hybrid"         # hybrid | vb | ce
+    hybrid_coeff: float = 0.001       # λ: weight of the x_0 cross-entropy in L_λ (eq. 5)
+    eps: float = 1e-6                 # added to probabilities inside logs; 0 = exact
+    # ---- network
+    model_channels: int = 64          # base width of the conv net (channels)
+    label_dropout: float = 0.1        # probability a training label is replaced by the null class
+    # ---- optimisation
+    train_steps: int = 20000          # total optimizer steps (a resumed run continues up to it)
+    batch_size: int = 128             # images per step
+    lr: float = 2e-4                  # AdamW peak learning rate
+    weight_decay: float = 0.0         # AdamW weight decay
+    warmup_steps: int = 500           # linear learning-rate warm-up (steps)
+    grad_clip: float = 1.0            # max global gradient norm
+    ema_decay: float = 0.9995         # EMA decay per step for the sampling weights
+    seed: int = 0                     # seeds data order, noise and initialisation
+    device: str = "auto"              # auto | cpu | cuda
+    precision: str = "bf16"           # bf16 | fp32: the network's arithmetic on CUDA
+    # ---- logging, evaluation, checkpoints
+    out: str = "runs/mnist"           # run directory
+    log_every: int = 100              # steps between metrics.jsonl lines
+    eval_every: int = 5000            # steps between sample grids/GIFs (0 = only at the end)
+    checkpoint_every: int = 1000      # steps between checkpoints
+    num_samples: int = 100            # samples per grid (a row per class)
+    sample_steps: int = 0             # reverse steps at sampling (0 = all T; fewer = strided)
+    guidance: float = 0.0             # classifier-free guidance weight w (0 = conditional)
+    eval_images: int = 1000           # test images for the final NLL (full bound)
+    # ---- modes
+    resume: str = ""                  # checkpoint to continue from (or to sample/evaluate)
+    sample_only: bool = False         # with --resume: write samples.pt, a grid and a GIF
+    eval_only: bool = False           # with --resume: print the test NLL (bits/dim) as JSON
+    preset: str = ""                  # cpu | heart: named settings, overridden by flags
+    figures: bool = False             # write the teaching figures (into --out, default contents/)
+
+
+PRESETS = {
+    # A 2-core CPU trains class-conditional binarised MNIST in about 7 minutes (README).
+    "cpu": dict(dataset="mnist", num_classes=2, num_timesteps=100, transition="absorbing",
+                model_channels=48, train_steps=3000, batch_size=64, lr=1e-3, warmup_steps=100,
+                ema_decay=0.999, eval_every=0, checkpoint_every=500, log_every=50,
+                sample_steps=50, guidance=1.0, eval_images=200, out="runs/cpu"),
+    # The 2-D heart toy: about a minute on a CPU.
+    "heart": dict(dataset="heart", num_classes=64, num_timesteps=50, transition="uniform",
+                  train_steps=1500, batch_size=256, lr=1e-3, warmup_steps=100, ema_decay=0.99,
+                  eval_every=0, checkpoint_every=500, log_every=100, num_samples=2000,
+                  eval_images=500, label_dropout=0.0, out="runs/heart"),
+}
+
+# Fields that define the process and the network: a checkpoint must agree on all of them.
+MODEL_FIELDS = ("dataset", "num_classes", "num_timesteps", "transition", "schedule",
+                "absorbing_state", "model_output", "model_channels")
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported as one line on stderr, exit status 2."""
+
+
+def validate_config(cfg):
+    choices = {"transition": ("uniform", "absorbing", "gaussian"), "loss_type": ("hybrid", "vb", "ce"),
+               "model_output": ("logits", "logistic"), "device": ("auto", "cpu", "cuda"),
+               "absorbing_state": ("mask", "grey"), "precision": ("bf16", "fp32"),
+               "schedule": ("default", "cosine", "linear", "jsd")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                             f"got {getattr(cfg, name)!r}")
+    checks = [(2 <= cfg.num_classes <= 256, "--num-classes (K) must be in 2..256"),
+              (cfg.num_timesteps >= 1, "--num-timesteps (T) must be >= 1"),
+              (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+              (cfg.train_steps >= 0, "--train-steps must be >= 0"),
+              (cfg.guidance >= 0, "--guidance must be >= 0"),
+              (cfg.sample_steps == 0 or 1 <= cfg.sample_steps <= cfg.num_timesteps,
+               f"--sample-steps must be in 1..T={cfg.num_timesteps} (or 0 for all)"),
+              (cfg.lr > 0, "--lr must be > 0"), (cfg.eps >= 0, "--eps must be >= 0"),
+              (0 <= cfg.label_dropout < 1, "--label-dropout must be in [0, 1)"),
+              (cfg.num_samples >= 1, "--num-samples must be >= 1"),
+              (cfg.eval_images >= 0, "--eval-images must be >= 0"),
+              (cfg.log_every >= 1, "--log-every must be >= 1"),
+              (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+              (cfg.eval_every >= 0, "--eval-every must be >= 0 (0 = only at the end)")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(f"{message}, got {_offending(message, cfg)}")
+    if cfg.model_output == "logistic" and cfg.dataset == "heart":
+        raise UsageError("--model-output logistic is for images, not the heart toy")
+    if (cfg.sample_only or cfg.eval_only) and not cfg.resume:
+        raise UsageError("--sample-only and --eval-only need --resume CHECKPOINT")
+
+
+def _offending(message, cfg):
+    name = message.split()[0].lstrip("-").replace("-", "_")
+    return repr(getattr(cfg, name, "?"))
 
 
 # ================================================================================================
@@ -874,123 +993,8 @@ class PointMLP(nn.Module):
 
 
 # ================================================================================================
-# 4. Configuration, data, training loop, command line
+# 4. Data, training loop, command line
 # ================================================================================================
-
-import dataclasses
-import json
-import os
-import signal
-import sys
-import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-
-
-@dataclass
-class Config:
-    # ---- data
-    dataset: str = "mnist"            # mnist | heart (the CIFAR runner adds cifar10 | fake)
-    data_root: str = "./data"         # folder holding MNIST/raw (torchvision layout)
-    num_classes: int = 2              # K: states per pixel (mnist: quantisation levels; heart: bins)
-    # ---- process
-    num_timesteps: int = 1000         # T: diffusion steps
-    transition: str = "absorbing"     # uniform | absorbing | gaussian
-    schedule: str = "default"         # default (per transition) | cosine | linear | jsd
-    absorbing_state: str = "mask"     # absorbing only: mask (extra [MASK] state) | grey (K//2)
-    model_output: str = "logits"      # logits | logistic (truncated discretized logistic)
-    loss_type: str = "hybrid"         # hybrid | vb | ce
-    hybrid_coeff: float = 0.001       # λ: weight of the x_0 cross-entropy in L_λ (eq. 5)
-    eps: float = 1e-6                 # added to probabilities inside logs; 0 = exact
-    # ---- network
-    model_channels: int = 64          # base width of the conv net (channels)
-    label_dropout: float = 0.1        # probability a training label is replaced by the null class
-    # ---- optimisation
-    train_steps: int = 20000          # total optimizer steps (a resumed run continues up to it)
-    batch_size: int = 128             # images per step
-    lr: float = 2e-4                  # AdamW peak learning rate
-    weight_decay: float = 0.0         # AdamW weight decay
-    warmup_steps: int = 500           # linear learning-rate warm-up (steps)
-    grad_clip: float = 1.0            # max global gradient norm
-    ema_decay: float = 0.9995         # EMA decay per step for the sampling weights
-    seed: int = 0                     # seeds data order, noise and initialisation
-    device: str = "auto"              # auto | cpu | cuda
-    precision: str = "bf16"           # bf16 | fp32: the network's arithmetic on CUDA
-    # ---- logging, evaluation, checkpoints
-    out: str = "runs/mnist"           # run directory
-    log_every: int = 100              # steps between metrics.jsonl lines
-    eval_every: int = 5000            # steps between sample grids/GIFs (0 = only at the end)
-    checkpoint_every: int = 1000      # steps between checkpoints
-    num_samples: int = 100            # samples per grid (a row per class)
-    sample_steps: int = 0             # reverse steps at sampling (0 = all T; fewer = strided)
-    guidance: float = 0.0             # classifier-free guidance weight w (0 = conditional)
-    eval_images: int = 1000           # test images for the final NLL (full bound)
-    # ---- modes
-    resume: str = ""                  # checkpoint to continue from (or to sample/evaluate)
-    sample_only: bool = False         # with --resume: write samples.pt, a grid and a GIF
-    eval_only: bool = False           # with --resume: print the test NLL (bits/dim) as JSON
-    preset: str = ""                  # cpu | heart: named settings, overridden by flags
-    figures: bool = False             # write the teaching figures (into --out, default contents/)
-
-
-PRESETS = {
-    # A 2-core CPU trains class-conditional binarised MNIST in about 7 minutes (README).
-    "cpu": dict(dataset="mnist", num_classes=2, num_timesteps=100, transition="absorbing",
-                model_channels=48, train_steps=3000, batch_size=64, lr=1e-3, warmup_steps=100,
-                ema_decay=0.999, eval_every=0, checkpoint_every=500, log_every=50,
-                sample_steps=50, guidance=1.0, eval_images=200, out="runs/cpu"),
-    # The 2-D heart toy: about a minute on a CPU.
-    "heart": dict(dataset="heart", num_classes=64, num_timesteps=50, transition="uniform",
-                  train_steps=1500, batch_size=256, lr=1e-3, warmup_steps=100, ema_decay=0.99,
-                  eval_every=0, checkpoint_every=500, log_every=100, num_samples=2000,
-                  eval_images=500, label_dropout=0.0, out="runs/heart"),
-}
-
-# Fields that define the process and the network: a checkpoint must agree on all of them.
-MODEL_FIELDS = ("dataset", "num_classes", "num_timesteps", "transition", "schedule",
-                "absorbing_state", "model_output", "model_channels")
-
-
-class UsageError(Exception):
-    """Bad input from the command line: reported as one line on stderr, exit status 2."""
-
-
-def validate_config(cfg):
-    choices = {"transition": ("uniform", "absorbing", "gaussian"), "loss_type": ("hybrid", "vb", "ce"),
-               "model_output": ("logits", "logistic"), "device": ("auto", "cpu", "cuda"),
-               "absorbing_state": ("mask", "grey"), "precision": ("bf16", "fp32"),
-               "schedule": ("default", "cosine", "linear", "jsd")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                             f"got {getattr(cfg, name)!r}")
-    checks = [(2 <= cfg.num_classes <= 256, "--num-classes (K) must be in 2..256"),
-              (cfg.num_timesteps >= 1, "--num-timesteps (T) must be >= 1"),
-              (cfg.batch_size >= 1, "--batch-size must be >= 1"),
-              (cfg.train_steps >= 0, "--train-steps must be >= 0"),
-              (cfg.guidance >= 0, "--guidance must be >= 0"),
-              (cfg.sample_steps == 0 or 1 <= cfg.sample_steps <= cfg.num_timesteps,
-               f"--sample-steps must be in 1..T={cfg.num_timesteps} (or 0 for all)"),
-              (cfg.lr > 0, "--lr must be > 0"), (cfg.eps >= 0, "--eps must be >= 0"),
-              (0 <= cfg.label_dropout < 1, "--label-dropout must be in [0, 1)"),
-              (cfg.num_samples >= 1, "--num-samples must be >= 1"),
-              (cfg.eval_images >= 0, "--eval-images must be >= 0"),
-              (cfg.log_every >= 1, "--log-every must be >= 1"),
-              (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
-              (cfg.eval_every >= 0, "--eval-every must be >= 0 (0 = only at the end)")]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(f"{message}, got {_offending(message, cfg)}")
-    if cfg.model_output == "logistic" and cfg.dataset == "heart":
-        raise UsageError("--model-output logistic is for images, not the heart toy")
-    if (cfg.sample_only or cfg.eval_only) and not cfg.resume:
-        raise UsageError("--sample-only and --eval-only need --resume CHECKPOINT")
-
-
-def _offending(message, cfg):
-    name = message.split()[0].lstrip("-").replace("-", "_")
-    return repr(getattr(cfg, name, "?"))
-
 
 # ---------------------------------------------------------------------------------- data
 

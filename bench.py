@@ -346,6 +346,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results here as JSON")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="CPU: do not flush float32 denormals to zero (train() flushes them)")
     p.add_argument("--profile", action="store_true",
                    help="profile each selected (shape, transition, K) instead of the table")
     p.add_argument("--profile-steps", type=int, default=5, help="steps per profile (median per op)")
@@ -370,6 +372,8 @@ def main(argv=None):
         args.batch_size = 256 if device.type == "cuda" else 64
     if device.type == "cuda":  # as train() does
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_flush_denormal(not args.keep_denormals)  # as train() does on the CPU
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f", {torch.get_num_threads()} threads")

@@ -343,8 +343,8 @@ class D3PM(nn.Module):
         """
         if self.transition == "gaussian":
             if x.dtype.is_floating_point:  # (B, N, S) @ (B, S, S), one matrix per example,
-                # in float32 even inside the training loop's bf16 autocast
-                with torch.autocast(x.device.type, enabled=False):
+                # in float32 even inside the training loop's bf16 autocast and TF32
+                with _exact_float32(x.device):
                     return torch.bmm(x.float().reshape(x.shape[0], -1, x.shape[-1]),
                                      self.Q_bar[t]).view(x.shape)
             return self.Q_bar[t.view(-1, *([1] * (x.dim() - 1))), x]
@@ -400,16 +400,33 @@ class D3PM(nn.Module):
             return (logits + self._gumbel(logits.shape, noise, generator, logits.device)).argmax(-1)
         self._check(x_0, t)
         if self.transition == "gaussian":
-            cdf = self._probs_from(x_0, t).cumsum(-1)                     # (B, ..., K)
-            u = torch.rand(x_0.shape, generator=generator, device=x_0.device) * cdf[..., -1]
-            x_t = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
-            return x_t.clamp_max(self.num_classes - 1)  # u = cdf[-1] by rounding
+            ts, which = t.unique(return_inverse=True)          # one CDF table per distinct t
+            return self._inverse_cdf(self.Q_bar[ts].double().cumsum(-1), which, x_0, generator)
         u = torch.rand(x_0.shape, dtype=torch.float64, generator=generator, device=x_0.device)
         replace = u < 1 - self._per_example(self.alpha_bar64[t], x_0[..., 0])
         if self.transition == "absorbing":
             return torch.where(replace, self.absorbing_state, x_0)
         draw = torch.randint(0, self.num_classes, x_0.shape, generator=generator, device=x_0.device)
         return torch.where(replace, draw, x_0)
+
+    def _inverse_cdf(self, cdf, which, row, generator=None):
+        """x ~ Cat(cdf[which_b, row] as a CDF) per pixel, by inversion: one float64 uniform per
+        pixel and a binary search over K (log2 K gathers of one value per pixel, no (B, ..., K)
+        buffer). cdf (U, R, K) float64, nondecreasing along K; which long [B]; row long (B, ...)."""
+        K = cdf.shape[-1]
+        base = (which * cdf.shape[1]).view(-1, *([1] * (row.dim() - 1)))
+        base = (base + row) * K                                    # flat offset of each row
+        flat = cdf.reshape(-1)
+        u = torch.rand(row.shape, dtype=torch.float64, generator=generator, device=row.device)
+        u = u * flat[base + K - 1]                                 # the row's total (≈ 1)
+        below = torch.zeros_like(row)                              # #{j : cdf_j <= u} so far
+        step = 1 << (K.bit_length() - 1)
+        while step:
+            probe = below + step                                   # is cdf[probe - 1] <= u?
+            ok = (probe <= K) & (flat[base + probe.clamp_max(K) - 1] <= u)
+            below = torch.where(ok, probe, below)
+            step >>= 1
+        return below.clamp_max(K - 1)                              # u = total by rounding
 
     # --------------------------------------------------------- posterior and p_θ
     def _posterior_logits(self, x_0, x_t, t, s):
@@ -582,6 +599,26 @@ class D3PM(nn.Module):
         kl = q_log_fact2q - q_log_fact2p + log_zp - log_zq
         return kl, lse - logits_slot[..., 0]
 
+    def _vb_gaussian(self, x_0, x_t, t, x0_logits):
+        """`_vb_general` for the discretized Gaussian with eps > 0, in one custom autograd
+        Function (`_GaussianKL`) that reads and writes each (B, ..., K) buffer a few times only.
+
+        With fact1 = Q_t[:, x_t] (= row x_t: Q_t is symmetric), g = Q̄_{t-1}[x_0] and
+        m = p̃_θ Q̄_{t-1} [eq. 4], both posteriors share log(fact1 + eps), which cancels:
+            KL = Σ_j q_j log((g_j + eps) / (m_j + eps)) + log Z_p - log Z_q,
+        Z_q = Σ_j (fact1_j + eps)(g_j + eps), Z_p = Σ_j (fact1_j + eps)(m_j + eps). The eps is
+        added to the B per-example matrices, not to the (B, ..., K) rows: m + eps = p̃_θ (Q̄ + eps)
+        as p̃_θ sums to one. Same logs and floors as `_vb_general` (tests/test_fast_paths.py).
+        """
+        B, K = x_0.shape[0], self.num_classes
+        Q_t = self.Q[t - 1].add_(self.eps).view(-1, K)          # (B·K, K), one Q_t + eps each
+        Q_bar = self.Q_bar[t - 1].add_(self.eps)                # (B, K, K): Q̄_{t-1} + eps
+        base = torch.arange(B, device=x_0.device).view(B, 1) * K
+        fact1 = Q_t.index_select(0, (base + x_t.reshape(B, -1)).view(-1)).view(B, -1, K)
+        g = Q_bar.view(-1, K).index_select(0, (base + x_0.reshape(B, -1)).view(-1)).view(B, -1, K)
+        kl, ce = _GaussianKL.apply(x0_logits.reshape(B, -1, K), Q_bar, fact1, g, x_0.reshape(B, -1, 1))
+        return kl.view(x_0.shape), ce.view(x_0.shape)
+
     def vb_terms_bpd(self, x_0, x_t, t, cond=None):
         """Per-example variational-bound term at t in bits/dim: KL for t > 1, L_0 at t = 1."""
         return self.loss_terms(x_0, x_t, t, cond)["vb"]
@@ -597,7 +634,8 @@ class D3PM(nn.Module):
         if x_0.shape != x_t.shape:
             raise ValueError(f"x_0 and x_t shapes differ: {tuple(x_0.shape)} vs {tuple(x_t.shape)}")
         if self.transition == "gaussian":
-            kl, ce = self._vb_general(x_0, x_t, t, self.model_logits(x_t, t, cond))
+            vb = self._vb_gaussian if self.eps > 0 else self._vb_general
+            kl, ce = vb(x_0, x_t, t, self.model_logits(x_t, t, cond))
         else:
             kl, ce = self._vb_closed_form(x_0, x_t, t, self._x0_logits(x_t, t, cond))
         # L_{t-1} = KL for t > 1; L_0 = -log p_θ(x_0 | x_1) = -log p̃_θ(x_0 | x_1) = ce at t = 1
@@ -718,10 +756,13 @@ class D3PM(nn.Module):
         Q_{s+1}...Q_t for gaussian). At s = 0 the step returns argmax p̃_θ(x̃_0 | x_t), no noise.
         Classifier-free guidance w mixes log-probabilities and renormalises:
         log p_w = (1+w) log p_θ(·|x_t, c) - w log p_θ(·|x_t, ∅).
-        Uniform/absorbing steps without guidance or given noise go to `_step_mixture`; the rest
-        draw x_s by Gumbel-max over all S values, noise in float64 as the official code.
+        Steps without guidance or given noise go to `_step_mixture` (uniform, absorbing) or
+        `_step_gaussian`; the rest draw x_s by Gumbel-max over all S values, noise in float64 as
+        the official code.
         """
-        if self.transition != "gaussian" and s > 0 and guidance == 0 and noise is None:
+        if s > 0 and guidance == 0 and noise is None:
+            if self.transition == "gaussian":
+                return self._step_gaussian(x_t, t, s, cond, generator, skip)
             return self._step_mixture(x_t, t, s, cond, generator)
         B = x_t.shape[0]
         tt = torch.full((B,), t, dtype=torch.long, device=x_t.device)
@@ -787,6 +828,27 @@ class D3PM(nn.Module):
             return x_s.masked_fill_(from_s, self.absorbing_state), logits
         draw = torch.randint(0, K, x_t.shape, generator=generator, device=device)
         return torch.where(from_s, draw, x_s), logits
+
+    def _step_gaussian(self, x_t, t, s, cond, generator, skip):
+        """`_step` for the discretized Gaussian, 0 < s < t, without logs or Gumbel noise: the
+        probabilities p_θ(x_s = j | x_t) ∝ (fact1_j + eps)(fact2_j + eps), fact1 = row x_t of
+        `skip` = Q_{s→t}ᵀ and fact2 = p̃_θ Q̄_s [eq. 4], are summed in float64 along K and inverted
+        with one float64 uniform per pixel (Gumbel-max over their logs samples the same law).
+        Returns (x_s, x̃_0 logits)."""
+        K, eps = self.num_classes, self.eps
+        logits = self.model_logits(x_t, torch.full((x_t.shape[0],), t, device=x_t.device), cond)
+        with _exact_float32(x_t.device):
+            p = torch.softmax(logits, -1).view(-1, K) @ (self.Q_bar[s] + eps)  # fact2 + eps
+            p.mul_((skip + eps).index_select(0, x_t.reshape(-1)))               # × (fact1 + eps)
+        cdf = p.double().cumsum_(-1)
+        total = cdf[:, -1:]
+        u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=x_t.device)
+        x_s = torch.searchsorted(cdf, u * total, right=True).clamp_max_(K - 1)
+        if eps == 0:  # x_t impossible under p̃_θ: every logit is log 0 and Gumbel-max is uniform
+            none = total == 0
+            x_s = torch.where(none, torch.randint(0, K, none.shape, generator=generator,
+                                                  device=x_t.device), x_s)
+        return x_s.view(x_t.shape), logits
 
     @torch.no_grad()
     def p_sample(self, x_t, t, cond=None, noise=None, generator=None):
@@ -871,6 +933,64 @@ class _SoftmaxMixSums(torch.autograd.Function):
             g_mix = g_mix.unsqueeze(-1)
             grad = E.mul_(coef_p - g_mix * r.sum(-1, keepdim=True) / Z).addcmul_(r, g_mix)
         return grad.scatter_add_(-1, idx, g_idx), None, None, None, None
+
+
+@contextmanager
+def _exact_float32(device):
+    """float32 math as written: no autocast, and no TF32 in CUDA matmuls (train() allows TF32
+    for the network; the posterior and KL stay in full float32)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+class _GaussianKL(torch.autograd.Function):
+    """KL(q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t)) and ce = -log p̃_θ(x_0 | x_t) per pixel for
+    an explicit Q̄_{t-1} (see `D3PM._vb_gaussian`), with a hand-written backward. Every step
+    works in place or into a buffer that is no longer needed: on the CPU a fresh (B, N, K)
+    buffer costs about as much as three passes over one (page faults). float32 only.
+
+    L (B, N, K) logits; Qb (B, K, K) = Q̄_{t-1} + eps per example; f1 = fact1 + eps and
+    g = Q̄_{t-1}[x_0] + eps (B, N, K), both consumed; idx0 (B, N, 1) = x_0. Returns kl, ce (B, N).
+    With m = p̃_θ Qb = p̃_θ Q̄_{t-1} + eps and q̂ = f1 g (q = q̂ / Z_q):
+        KL = Σ_j q̂_j log(q̂_j / (f1_j m_j)) / Z_q + log Z_p - log Z_q,   Z_p = Σ_j f1_j m_j.
+    Gradient: ∂KL/∂m_j = f1_j / Z_p - q_j / m_j, taken back to p̃_θ through Qbᵀ (its eps adds the
+    same number to every ∂/∂p̃_k, which the softmax ignores), then through the softmax:
+    ∂/∂L_k = p̃_k (∂/∂p̃_k - Σ_i p̃_i ∂/∂p̃_i); and ∂ce/∂L = p̃ - onehot(x_0).
+    """
+
+    @staticmethod
+    def forward(ctx, L, Qb, f1, g, idx0):
+        with _exact_float32(L.device):
+            P = torch.log_softmax(L, -1)
+            ce = -P.gather(-1, idx0).squeeze(-1)
+            P = P.exp_()                                         # p̃_θ
+            m = torch.bmm(P, Qb)                                 # p̃_θ Q̄_{t-1} + eps  [eq. 4]
+            q_hat = g.mul_(f1)
+            z_q = q_hat.sum(-1)
+            scratch = torch.mul(f1, m)
+            z_p = scratch.sum(-1)
+            kl = torch.div(q_hat, scratch, out=scratch).log_().mul_(q_hat).sum(-1) / z_q
+            kl += z_p.log() - z_q.log()
+        ctx.save_for_backward(P, Qb, f1, q_hat, m, z_p, z_q, idx0)
+        return kl, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_kl, g_ce):
+        P, Qb, f1, q_hat, m, z_p, z_q, idx0 = ctx.saved_tensors  # q_hat, m are overwritten
+        with _exact_float32(P.device):
+            g_kl, g_ce = g_kl.unsqueeze(-1), g_ce.unsqueeze(-1)
+            d_m = q_hat.div_(m).mul_(-g_kl / z_q.unsqueeze(-1)).addcmul_(f1, g_kl / z_p.unsqueeze(-1))
+            d_p = torch.bmm(d_m, Qb.transpose(1, 2))
+            dot = torch.mul(P, d_p, out=m).sum(-1, keepdim=True)  # m is free again
+            grad = d_p.sub_(dot - g_ce).mul_(P)                  # + g_ce (p̃ - onehot(x_0))
+            grad.scatter_add_(-1, idx0, -g_ce)
+        return grad, None, None, None, None
 
 
 def _progress(iterable, enabled, **kwargs):
@@ -1361,6 +1481,11 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         d3pm.validate = False  # range checks cost a host sync per call
+    else:
+        # float32 denormals (< 1.2e-38) to zero: x86 multiplies them ~100x slower, and the
+        # Gaussian's p̃·Q̄ products are full of them (its bmm runs 1.8x faster). They lie far below
+        # the eps = 1e-6 floor of every log. See README "Differences".
+        torch.set_flush_denormal(True)
     log(f"{type(net).__name__}: {count_parameters(net):,} parameters; {cfg.transition} "
         f"transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}"
         + (f" x {world} processes" if world > 1 else ""))

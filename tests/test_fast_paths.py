@@ -2,12 +2,15 @@
 
 Run:  python -m pytest tests/test_fast_paths.py -q      (CPU, a few seconds)
 
-  1. the closed-form loss of uniform/absorbing (`_vb_closed_form`) equals the KL and decoder NLL
-     composed from the explicit q_posterior_logits and p_logits, values and gradients
-  2. q_sample without noise (exact O(1)-per-pixel draws) follows q_probs (chi-square)
-  3. the mixture sampler (`_step_mixture`) and the Gumbel-max step sample the same p_θ(x_s | x_t),
-     one step and a strided jump (chi-square, per pixel, against the exact probabilities)
+  1. the closed-form loss of uniform/absorbing (`_vb_closed_form`) and the fused Gaussian loss
+     (`_vb_gaussian`) equal the KL and decoder NLL composed from the explicit q_posterior_logits
+     and p_logits, values and gradients; the Gaussian one stays float32 under bf16 autocast
+  2. q_sample without noise (exact draws: O(1) per pixel, or a binary search) follows q_probs
+  3. the mixture sampler (`_step_mixture`), the Gaussian inverse-CDF step (`_step_gaussian`) and
+     the Gumbel-max step sample the same p_θ(x_s | x_t), one step and a strided jump
+     (chi-square, per pixel, against the exact probabilities)
 """
+import contextlib
 import math
 import os
 import sys
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import d3pm_runner  # noqa: E402
 from d3pm_runner import D3PM  # noqa: E402
 
 F64 = torch.float64
@@ -59,7 +63,8 @@ class FixedLogits(torch.nn.Module):
 
 @pytest.mark.parametrize("eps", [1e-6, 0.0])
 @pytest.mark.parametrize("K", [2, 5, 256])
-@pytest.mark.parametrize("transition,absorbing_state", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("transition,absorbing_state", CONFIGS + [("gaussian", None)],
+                         ids=CONFIG_IDS + ["gaussian"])
 def test_closed_form_loss_equals_explicit_kl(transition, absorbing_state, K, eps):
     T, B, D = 20, 6, 12
     g = torch.Generator().manual_seed(K)
@@ -90,6 +95,29 @@ def test_closed_form_loss_equals_explicit_kl(transition, absorbing_state, K, eps
     torch.testing.assert_close(terms["ce"].double(), ce, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(grad.double(), want_grad.double(), atol=1e-5, rtol=1e-4)
     assert bool(torch.isfinite(terms["loss"]).all())
+
+
+def test_gaussian_loss_stays_float32_under_bf16_autocast(monkeypatch):
+    """The fused Gaussian KL runs its p̃_θ Q̄ product in float32 even inside the training loop's
+    bf16 autocast; without the guard (`_exact_float32`) the bf16 product moves the KL."""
+    K, T, B, D = 256, 50, 4, 64
+    g = torch.Generator().manual_seed(0)
+    model = FixedLogits(2 * torch.randn(B, 1, 1, D, K, generator=g))
+    model.forward = lambda x_t, t, cond=None: model.logits
+    d = D3PM(model, T, K, "gaussian")
+    x_0 = torch.randint(0, K, (B, 1, 1, D), generator=g)
+    t = torch.tensor([2, 10, 30, 50])
+    x_t = d.q_sample(x_0, t, generator=g)
+    kl = lambda: d._vb_gaussian(x_0, x_t, t, model.logits)[0]  # noqa: E731  per pixel, nats
+    want = kl()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kl()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    monkeypatch.setattr(d3pm_runner, "_exact_float32", lambda device: contextlib.nullcontext())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unguarded = kl()
+    assert (unguarded - want).abs().max() > 1e-3                 # the test can tell
 
 
 # ==================================================================== 2. exact q_sample

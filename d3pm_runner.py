@@ -832,22 +832,17 @@ class D3PM(nn.Module):
     def _step_gaussian(self, x_t, t, s, cond, generator, skip):
         """`_step` for the discretized Gaussian, 0 < s < t, without logs or Gumbel noise: the
         probabilities p_θ(x_s = j | x_t) ∝ (fact1_j + eps)(fact2_j + eps), fact1 = row x_t of
-        `skip` = Q_{s→t}ᵀ and fact2 = p̃_θ Q̄_s [eq. 4], are summed in float64 along K and inverted
-        with one float64 uniform per pixel (Gumbel-max over their logs samples the same law).
-        Returns (x_s, x̃_0 logits)."""
+        `skip` = Q_{s→t}ᵀ and fact2 = p̃_θ Q̄_s [eq. 4], are drawn by `_draw_categorical`
+        (Gumbel-max over their logs samples the same law). Returns (x_s, x̃_0 logits)."""
         K, eps = self.num_classes, self.eps
         logits = self.model_logits(x_t, torch.full((x_t.shape[0],), t, device=x_t.device), cond)
         with _exact_float32(x_t.device):
             p = torch.softmax(logits, -1).view(-1, K) @ (self.Q_bar[s] + eps)  # fact2 + eps
             p.mul_((skip + eps).index_select(0, x_t.reshape(-1)))               # × (fact1 + eps)
-        cdf = p.double().cumsum_(-1)
-        total = cdf[:, -1:]
-        u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=x_t.device)
-        x_s = torch.searchsorted(cdf, u * total, right=True).clamp_max_(K - 1)
+        x_s, total = _draw_categorical(p, generator)
         if eps == 0:  # x_t impossible under p̃_θ: every logit is log 0 and Gumbel-max is uniform
-            none = total == 0
-            x_s = torch.where(none, torch.randint(0, K, none.shape, generator=generator,
-                                                  device=x_t.device), x_s)
+            x_s = torch.where(total == 0, torch.randint(0, K, total.shape, generator=generator,
+                                                        device=x_t.device), x_s)
         return x_s.view(x_t.shape), logits
 
     @torch.no_grad()
@@ -933,6 +928,28 @@ class _SoftmaxMixSums(torch.autograd.Function):
             g_mix = g_mix.unsqueeze(-1)
             grad = E.mul_(coef_p - g_mix * r.sum(-1, keepdim=True) / Z).addcmul_(r, g_mix)
         return grad.scatter_add_(-1, idx, g_idx), None, None, None, None
+
+
+def _draw_categorical(p, generator=None, block=16):
+    """One draw per row of unnormalised probabilities p (N, K) float32 by inverting the CDF
+    with a float64 uniform, in two levels so that no (N, K) float64 buffer is made: a block of
+    `block` classes by the float64 running sum of the blocks' totals, then a class inside it by
+    the float64 running sum of its values. Relative precision of every probability ≈ float32's,
+    tiny ones included (a float32 running sum over all K would lose those). Returns
+    (index long [N], row total float64 [N])."""
+    N, K = p.shape
+    bs = block if K % block == 0 else K
+    p = p.view(N, K // bs, bs)
+    blocks = p.sum(-1).double()                                  # (N, nb)
+    cum = blocks.cumsum(-1)
+    total = cum[:, -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=p.device) * total
+    b = torch.searchsorted(cum, u, right=True).clamp_max_(K // bs - 1)  # the block
+    inner = p.gather(1, b.unsqueeze(-1).expand(N, 1, bs)).squeeze(1).double().cumsum_(-1)
+    mass = blocks.gather(-1, b)                                  # > 0 whenever total > 0
+    u = (u - (cum.gather(-1, b) - mass)) * (inner[:, -1:] / mass.clamp_min(1e-300))
+    j = torch.searchsorted(inner, u, right=True).clamp_max_(bs - 1)
+    return (b * bs + j).squeeze(-1), total.squeeze(-1)
 
 
 @contextmanager

@@ -189,3 +189,50 @@ def test_sample_uses_the_mixture_step_and_p_sample_with_noise_does_not(monkeypat
     d.p_sample(torch.zeros(2, 1, 1, 3, dtype=torch.long), 3, noise=torch.rand(2, 1, 1, 3, 4))
     d.sample((2, 1, 1, 3), guidance=1.0)
     assert calls == []
+
+
+# ======================================================== 4. the Gaussian inverse-CDF step
+
+
+@pytest.mark.parametrize("K", [3, 32, 256])
+def test_draw_categorical_follows_its_probabilities(K):
+    """The two-level inverse CDF (blocks of 16 classes, or one level when 16 does not divide K)
+    against its own probabilities: tiny and zero ones included, rows not normalised."""
+    N, R = 20000, 4
+    g = torch.Generator().manual_seed(K)
+    p = torch.softmax(3 * torch.randn(R, K, generator=g), -1) * torch.tensor([[1.0], [7.0], [1e-3], [1.0]])
+    p[0, 1] = 0.0
+    p[1, : min(16, K - 1)] = 0.0             # a whole block without mass
+    p[2, -1] = 1e-9 * p[2].sum()             # tiny, after all the mass
+    p[2, -2] = 0.3 * p[2].sum()
+    x, total = d3pm_runner._draw_categorical(p.repeat(N, 1), g)
+    torch.testing.assert_close(total.view(N, R)[0], p.double().sum(-1))
+    probs = p.double() / p.double().sum(-1, keepdim=True)
+    assert chisquare_pvalue(x.view(N, R), probs) > 1e-4
+    wrong = probs.roll(1, dims=-1)           # power: the same law shifted by one class
+    assert chisquare_pvalue(x.view(N, R), wrong) < 1e-6
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+@pytest.mark.parametrize("t,s", [(6, 5), (9, 3)], ids=["step", "jump"])
+def test_gaussian_step_samples_p_theta(t, s, eps):
+    """`_step_gaussian` (what sample() and p_sample() use) against p_θ(x_s | x_t) ∝
+    (q(x_t | x_s) + eps)(p̃_θ Q̄_s + eps) from explicit float64 matrices, K = 32 (two blocks)."""
+    K, T, N, D = 32, 10, 20000, 4
+    g = torch.Generator().manual_seed(t * 10 + s)
+    d = D3PM(None, T, K, "gaussian", eps=eps, schedule=torch.linspace(0.01, 0.1, T, dtype=F64))
+    d.x0_model = FixedLogits(1.5 * torch.randn(D, K, generator=g))
+    x_t = torch.tensor([0, 5, 16, K - 1]).repeat(N, 1).view(N, 1, 1, D)
+    skip = d.Q[t - 1] if s == t - 1 else d._gaussian_skip(t, s)
+    x_s, _ = d._step(x_t, t, s, generator=g, skip=skip)
+    jump = torch.linalg.multi_dot([d.Q_matrix(r) for r in range(s + 1, t + 1)]) if t - s > 1 \
+        else d.Q_matrix(t)                                                 # Q_{s→t}
+    p0 = torch.softmax(d.x0_model.logits.detach().double(), -1)            # (D, K)
+    fact2 = p0 @ d.Q_bar_matrix(s) + eps
+    want = (jump[:, x_t[0, 0, 0]].T + eps) * fact2
+    assert chisquare_pvalue(x_s.view(N, D), want / want.sum(-1, keepdim=True)) > 1e-4
+    # power: forgetting the factor q(x_t | x_s), or taking the jump's row, is rejected
+    assert chisquare_pvalue(x_s.view(N, D), fact2 / fact2.sum(-1, keepdim=True)) < 1e-6
+    if t - s > 1:
+        wrong = (jump[x_t[0, 0, 0]] + eps) * fact2
+        assert chisquare_pvalue(x_s.view(N, D), wrong / wrong.sum(-1, keepdim=True)) < 1e-6

@@ -9,6 +9,7 @@ measured side by side in one run (absolute times on a shared machine are noise; 
     python bench.py --shapes cifar --cifar-model DiT-T/2 --batch-size 8 --threads 1  # CIFAR, CPU
     python bench.py --profile --transitions gaussian --ks 256 --shapes mnist --threads 1
 
+On the CPU the bench applies d3pm_runner.tune_cpu() as train() does (--no-cpu-tuning: not).
 On a CPU shared with other jobs, --threads 1 keeps the timings stable: with more threads than
 free cores, OpenMP's waits can make single ops 10-100x slower at random.
 
@@ -346,8 +347,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results here as JSON")
-    p.add_argument("--keep-denormals", action="store_true",
-                   help="CPU: do not flush float32 denormals to zero (train() flushes them)")
+    p.add_argument("--no-cpu-tuning", action="store_true",
+                   help="CPU: skip d3pm_runner.tune_cpu() (denormals flushed, freed memory "
+                        "kept by glibc), which train() applies")
     p.add_argument("--profile", action="store_true",
                    help="profile each selected (shape, transition, K) instead of the table")
     p.add_argument("--profile-steps", type=int, default=5, help="steps per profile (median per op)")
@@ -372,11 +374,12 @@ def main(argv=None):
         args.batch_size = 256 if device.type == "cuda" else 64
     if device.type == "cuda":  # as train() does
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        torch.set_flush_denormal(not args.keep_denormals)  # as train() does on the CPU
+    elif not args.no_cpu_tuning:
+        d3.tune_cpu()  # as train() does on the CPU
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f", {torch.get_num_threads()} threads")
+             f", {torch.get_num_threads()} threads, tune_cpu "
+             f"{'off' if args.no_cpu_tuning else 'on'}")
           + f"; B={args.batch_size}, T={args.num_timesteps}, warmup {args.warmup}, repeats "
           f"{args.repeats}; ConvNet ch={args.channels}, {args.cifar_model}, {args.model_output} "
           f"head, absorbing state {args.absorbing_state}", flush=True)

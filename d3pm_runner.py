@@ -22,10 +22,12 @@ S = num_states (K, or K+1 when the absorbing process has its own [MASK] state), 
 Every per-pixel distribution keeps its class axis last: (B, C, H, W, S).
 """
 
+import ctypes
 import dataclasses
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import time
@@ -1432,6 +1434,21 @@ def autocast_for(device, precision="bf16"):
     return torch.autocast("cuda", dtype=torch.bfloat16) if use else nullcontext()
 
 
+def tune_cpu():
+    """Two process-wide CPU settings that train() (and bench.py) use; README "Speed" has their
+    effect. (1) float32 denormals (< 1.2e-38) flush to zero: x86 multiplies them ~100x slower,
+    and the Gaussian's p̃_θ Q̄ products are full of them (its bmm runs 1.8x faster); they lie far
+    below the eps = 1e-6 floor of every log. (2) glibc keeps freed blocks up to 32 MB for reuse
+    instead of returning them to the OS: each fresh (B, ..., K) buffer otherwise costs ~1.5 ns per
+    element in page faults, a few percent of every step. No-op where glibc is absent."""
+    torch.set_flush_denormal(True)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3              # from <malloc.h>
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)                 # glibc's largest allowed
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def setup_distributed(cfg):
     """(rank, world_size, device). Under torchrun: one process per GPU with NCCL, or gloo on
     CPU (how the tests run it); otherwise a single process on cfg.device."""
@@ -1499,10 +1516,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         d3pm.validate = False  # range checks cost a host sync per call
     else:
-        # float32 denormals (< 1.2e-38) to zero: x86 multiplies them ~100x slower, and the
-        # Gaussian's p̃·Q̄ products are full of them (its bmm runs 1.8x faster). They lie far below
-        # the eps = 1e-6 floor of every log. See README "Differences".
-        torch.set_flush_denormal(True)
+        tune_cpu()
     log(f"{type(net).__name__}: {count_parameters(net):,} parameters; {cfg.transition} "
         f"transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}"
         + (f" x {world} processes" if world > 1 else ""))

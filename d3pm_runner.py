@@ -208,8 +208,9 @@ class D3PM(nn.Module):
     Uniform and absorbing transitions have the form Q_t = (1-β_t) I + β_t 1 sᵀ with s their
     stationary distribution (uniform: 1/K; absorbing: e_m), so Q̄_t = ᾱ_t I + (1-ᾱ_t) 1 sᵀ with
     ᾱ_t = Π_{r≤t}(1-β_r)   [§3.1, App. A]. We use these closed forms and store only
-    β, ᾱ and s (O(T + K) numbers). The discretized Gaussian has no such form: its Q_t and Q̄_t
-    are built in float64 and stored as float32 stacks (T x K x K each).
+    β, ᾱ and s (O(T + K) numbers). The discretized Gaussian has no such form: its Q̄_t are built
+    in float64 and stored as a float32 stack (T+1 x K x K); each Q_t (a Toeplitz band plus its
+    diagonal) as two T x K tables.
 
     `x0_model(x_t, t, cond)` returns logits over x_0 of shape x_t.shape + (K,) (or, with
     model_output="logistic", a (loc, log_scale) pair of x_t's shape); t is the 1-based step.
@@ -266,14 +267,16 @@ class D3PM(nn.Module):
         buf("betas64", betas)                # float64 [T]; matrices are built from these
         buf("betas", betas.float())          # float32 [T]; betas[t-1] = β_t
         if transition == "gaussian":
-            Q = torch.empty(T, S, S)
+            Q_band, Q_diag = torch.empty(T, S), torch.empty(T, S)
             Q_bar = torch.empty(T + 1, S, S)
             Q_bar[0] = acc = torch.eye(S, dtype=torch.float64)
             for t in range(1, T + 1):       # float64 products, stored as float32
                 Q_t = gaussian_Q(betas[t - 1], K)
                 acc = acc @ Q_t
-                Q[t - 1], Q_bar[t] = Q_t.float(), acc.float()
-            buf("Q", Q)                      # [T, K, K]; Q[t-1] = Q_t (symmetric)
+                Q_band[t - 1], Q_diag[t - 1], Q_bar[t] = Q_t[0], Q_t.diagonal(), acc.float()
+            # Q_t[i, j] depends only on |i - j| off the diagonal: two [T, K] tables (see `_Q_t`)
+            buf("Q_band", Q_band)            # [T, K]; Q_band[t-1, n] = Q_t[i, j] for |i-j| = n > 0
+            buf("Q_diag", Q_diag)            # [T, K]; Q_diag[t-1, i] = Q_t[i, i]
             buf("Q_bar", Q_bar)              # [T+1, K, K]; Q_bar[t] = Q̄_t
             stationary = torch.full((S,), 1.0 / S, dtype=torch.float64)  # Q_t is doubly stochastic
         else:
@@ -326,6 +329,21 @@ class D3PM(nn.Module):
         beta, s = self.betas64[t - 1], self.stationary64
         return (1 - beta) * torch.eye(self.num_states, dtype=torch.float64, device=s.device) + beta * s
     
+    def _Q_t(self, t):
+        """The Gaussian's Q_t for each t in a long [B], float32 (B, K, K), from its two tables:
+        the same float32 numbers as Q_matrix(t).float()."""
+        K = self.num_classes
+        idx = torch.arange(K, device=t.device)
+        Q = self.Q_band[t - 1].index_select(1, (idx[:, None] - idx).abs().view(-1)).view(-1, K, K)
+        Q.diagonal(dim1=-2, dim2=-1).copy_(self.Q_diag[t - 1])
+        return Q
+
+    def _rows(self, mats, x):
+        """mats[b, x[b, ...]]: one row per pixel, mats (B, R, K), x long (B, ...) -> (B, ..., K)."""
+        B, R, K = mats.shape
+        flat = (torch.arange(B, device=x.device).view(B, 1) * R + x.reshape(B, -1)).view(-1)
+        return mats.reshape(-1, K).index_select(0, flat).view(x.shape + (K,))
+
     def Q_bar_matrix(self, t):
         """Q̄_t = Q_1 ... Q_t as an explicit float64 [S, S] matrix; Q̄_0 = I."""
         S = self.num_states
@@ -367,7 +385,7 @@ class D3PM(nn.Module):
         if self.transition == "gaussian":
             # Only s = t-1 comes here (the sampler's jumps use `_gaussian_skip`).
             # Q_t is symmetric, so its column x_t is its row x_t.
-            return self.Q[(t - 1).view(-1, *([1] * (x_t.dim() - 1))), x_t]
+            return self._rows(self._Q_t(t), x_t)
         # 1 - ᾱ_t/ᾱ_s in float64 (in float32 it loses digits when the ratio is near one);
         # for s = t-1 it is β_t itself.
         ratio = self.alpha_bar64[t] / self.alpha_bar64[s].clamp_min(torch.finfo(torch.float64).tiny)
@@ -613,11 +631,9 @@ class D3PM(nn.Module):
         as p̃_θ sums to one. Same logs and floors as `_vb_general` (tests/test_fast_paths.py).
         """
         B, K = x_0.shape[0], self.num_classes
-        Q_t = self.Q[t - 1].add_(self.eps).view(-1, K)          # (B·K, K), one Q_t + eps each
         Q_bar = self.Q_bar[t - 1].add_(self.eps)                # (B, K, K): Q̄_{t-1} + eps
-        base = torch.arange(B, device=x_0.device).view(B, 1) * K
-        fact1 = Q_t.index_select(0, (base + x_t.reshape(B, -1)).view(-1)).view(B, -1, K)
-        g = Q_bar.view(-1, K).index_select(0, (base + x_0.reshape(B, -1)).view(-1)).view(B, -1, K)
+        fact1 = self._rows(self._Q_t(t).add_(self.eps), x_t).view(B, -1, K)
+        g = self._rows(Q_bar, x_0).view(B, -1, K)
         kl, ce = _GaussianKL.apply(x0_logits.reshape(B, -1, K), Q_bar, fact1, g, x_0.reshape(B, -1, 1))
         return kl.view(x_0.shape), ce.view(x_0.shape)
 
@@ -852,7 +868,9 @@ class D3PM(nn.Module):
         """One ancestral step x_{t-1} ~ p_θ(x_{t-1} | x_t) for an int t (argmax at t = 1).
         With `noise` (uniforms, x_t.shape + (S,)) it replays the official Gumbel-max step."""
         self._check(x_t, None, "x_t", self.num_states)
-        skip = self.Q[t - 1] if self.transition == "gaussian" and t > 1 else None
+        skip = None
+        if self.transition == "gaussian" and t > 1:
+            skip = self._Q_t(torch.tensor([t], device=x_t.device))[0]
         return self._step(x_t, t, t - 1, cond, noise=noise, generator=generator, skip=skip)[0]
 
     @torch.no_grad()
@@ -880,7 +898,8 @@ class D3PM(nn.Module):
             s = grid[i + 1] if i + 1 < len(grid) else 0
             skip = None
             if self.transition == "gaussian" and s > 0:
-                skip = self.Q[t - 1] if s == t - 1 else self._gaussian_skip(t, s)
+                skip = (self._Q_t(torch.tensor([t], device=device))[0] if s == t - 1
+                        else self._gaussian_skip(t, s))
             x, x0 = self._step(x, t, s, cond, guidance, generator=generator, skip=skip)
             if return_trajectory:  # kept on the CPU: T states of a large batch do not fit a GPU
                 states.append(x.cpu())

@@ -223,7 +223,7 @@ def test_gaussian_step_samples_p_theta(t, s, eps):
     d = D3PM(None, T, K, "gaussian", eps=eps, schedule=torch.linspace(0.01, 0.1, T, dtype=F64))
     d.x0_model = FixedLogits(1.5 * torch.randn(D, K, generator=g))
     x_t = torch.tensor([0, 5, 16, K - 1]).repeat(N, 1).view(N, 1, 1, D)
-    skip = d.Q[t - 1] if s == t - 1 else d._gaussian_skip(t, s)
+    skip = d._Q_t(torch.tensor([t]))[0] if s == t - 1 else d._gaussian_skip(t, s)
     x_s, _ = d._step(x_t, t, s, generator=g, skip=skip)
     jump = torch.linalg.multi_dot([d.Q_matrix(r) for r in range(s + 1, t + 1)]) if t - s > 1 \
         else d.Q_matrix(t)                                                 # Q_{s→t}

@@ -5,7 +5,7 @@ D3PM (Austin et al. 2021, arXiv:2107.03006) wraps an x_0-network in categorical 
 measured side by side in one run (absolute times on a shared machine are noise; ratios are not).
 
     python bench.py --device cuda                                         # the full table
-    python bench.py --shapes mnist --batch-size 32 --repeats 5 --threads 1    # quick, CPU (~6 min)
+    python bench.py --shapes mnist --batch-size 32 --repeats 5 --threads 1    # quick, CPU (~1.5 min)
     python bench.py --shapes cifar --cifar-model DiT-T/2 --batch-size 8 --threads 1  # CIFAR, CPU
     python bench.py --profile --transitions gaussian --ks 256 --shapes mnist --threads 1
 

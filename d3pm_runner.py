@@ -420,7 +420,9 @@ class D3PM(nn.Module):
             return (logits + self._gumbel(logits.shape, noise, generator, logits.device)).argmax(-1)
         self._check(x_0, t)
         if self.transition == "gaussian":
-            ts, which = t.unique(return_inverse=True)          # one CDF table per distinct t
+            ts, which = t, torch.arange(t.numel(), device=t.device)
+            if t.device.type == "cpu":  # one CDF per distinct t (a host sync on a GPU)
+                ts, which = t.unique(return_inverse=True)
             return self._inverse_cdf(self.Q_bar[ts].double().cumsum(-1), which, x_0, generator)
         u = torch.rand(x_0.shape, dtype=torch.float64, generator=generator, device=x_0.device)
         replace = u < 1 - self._per_example(self.alpha_bar64[t], x_0[..., 0])
@@ -775,13 +777,14 @@ class D3PM(nn.Module):
         Classifier-free guidance w mixes log-probabilities and renormalises:
         log p_w = (1+w) log p_θ(·|x_t, c) - w log p_θ(·|x_t, ∅).
         Steps without guidance or given noise go to `_step_mixture` (uniform, absorbing) or
-        `_step_gaussian`; the rest draw x_s by Gumbel-max over all S values, noise in float64 as
-        the official code.
+        `_step_gaussian` (eps > 0); the rest draw x_s by Gumbel-max over all S values, noise in
+        float64 as the official code.
         """
         if s > 0 and guidance == 0 and noise is None:
-            if self.transition == "gaussian":
+            if self.transition != "gaussian":
+                return self._step_mixture(x_t, t, s, cond, generator)
+            if self.eps > 0:
                 return self._step_gaussian(x_t, t, s, cond, generator, skip)
-            return self._step_mixture(x_t, t, s, cond, generator)
         B = x_t.shape[0]
         tt = torch.full((B,), t, dtype=torch.long, device=x_t.device)
         ss = torch.full((B,), s, dtype=torch.long, device=x_t.device)
@@ -848,20 +851,18 @@ class D3PM(nn.Module):
         return torch.where(from_s, draw, x_s), logits
 
     def _step_gaussian(self, x_t, t, s, cond, generator, skip):
-        """`_step` for the discretized Gaussian, 0 < s < t, without logs or Gumbel noise: the
-        probabilities p_θ(x_s = j | x_t) ∝ (fact1_j + eps)(fact2_j + eps), fact1 = row x_t of
-        `skip` = Q_{s→t}ᵀ and fact2 = p̃_θ Q̄_s [eq. 4], are drawn by `_draw_categorical`
-        (Gumbel-max over their logs samples the same law). Returns (x_s, x̃_0 logits)."""
+        """`_step` for the discretized Gaussian, 0 < s < t, eps > 0, without logs or Gumbel
+        noise: the probabilities p_θ(x_s = j | x_t) ∝ (fact1_j + eps)(fact2_j + eps), fact1 = row
+        x_t of `skip` = Q_{s→t}ᵀ and fact2 = p̃_θ Q̄_s [eq. 4], are drawn by `_draw_categorical`
+        (Gumbel-max over their logs samples the same law). Each product is at least eps², so
+        nothing underflows (with eps = 0 it could, and `_step` keeps the logs and Gumbel-max).
+        Returns (x_s, x̃_0 logits)."""
         K, eps = self.num_classes, self.eps
         logits = self.model_logits(x_t, torch.full((x_t.shape[0],), t, device=x_t.device), cond)
         with _exact_float32(x_t.device):
             p = torch.softmax(logits, -1).view(-1, K) @ (self.Q_bar[s] + eps)  # fact2 + eps
             p.mul_((skip + eps).index_select(0, x_t.reshape(-1)))               # × (fact1 + eps)
-        x_s, total = _draw_categorical(p, generator)
-        if eps == 0:  # x_t impossible under p̃_θ: every logit is log 0 and Gumbel-max is uniform
-            x_s = torch.where(total == 0, torch.randint(0, K, total.shape, generator=generator,
-                                                        device=x_t.device), x_s)
-        return x_s.view(x_t.shape), logits
+        return _draw_categorical(p, generator)[0].view(x_t.shape), logits
 
     @torch.no_grad()
     def p_sample(self, x_t, t, cond=None, noise=None, generator=None):
@@ -951,20 +952,22 @@ class _SoftmaxMixSums(torch.autograd.Function):
         return grad.scatter_add_(-1, idx, g_idx), None, None, None, None
 
 
-def _draw_categorical(p, generator=None, block=16):
+def _draw_categorical(p, generator=None, block=16, u=None):
     """One draw per row of unnormalised probabilities p (N, K) float32 by inverting the CDF
     with a float64 uniform, in two levels so that no (N, K) float64 buffer is made: a block of
     `block` classes by the float64 running sum of the blocks' totals, then a class inside it by
     the float64 running sum of its values. Relative precision of every probability ≈ float32's,
-    tiny ones included (a float32 running sum over all K would lose those). Returns
-    (index long [N], row total float64 [N])."""
+    tiny ones included (a float32 running sum over all K would lose those). `u` (N,) float64
+    in [0, 1) replaces the fresh uniforms (tests). Returns (index long [N], row total [N])."""
     N, K = p.shape
     bs = block if K % block == 0 else K
     p = p.view(N, K // bs, bs)
     blocks = p.sum(-1).double()                                  # (N, nb)
     cum = blocks.cumsum(-1)
     total = cum[:, -1:]
-    u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=p.device) * total
+    if u is None:
+        u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=p.device)
+    u = u.view(N, 1) * total
     b = torch.searchsorted(cum, u, right=True).clamp_max_(K // bs - 1)  # the block
     inner = p.gather(1, b.unsqueeze(-1).expand(N, 1, bs)).squeeze(1).double().cumsum_(-1)
     mass = blocks.gather(-1, b)                                  # > 0 whenever total > 0
@@ -975,15 +978,23 @@ def _draw_categorical(p, generator=None, block=16):
 
 @contextmanager
 def _exact_float32(device):
-    """float32 math as written: no autocast, and no TF32 in CUDA matmuls (train() allows TF32
-    for the network; the posterior and KL stay in full float32)."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    """float32 math as written: no autocast, and float32 matmuls in full precision whatever the
+    process allows elsewhere (train() allows TF32 on CUDA for the network;
+    torch.set_float32_matmul_precision("medium") would let oneDNN use bf16 on the CPU). The
+    posterior and KL stay in float32. The backend's setting is read and restored through the
+    per-backend `fp32_precision` API, and only touched when it is lowered."""
+    backend = (torch.backends.cuda.matmul if device.type == "cuda"
+               else getattr(torch.backends.mkldnn, "matmul", None))
+    saved = getattr(backend, "fp32_precision", "none")
+    lowered = saved not in ("none", "ieee")
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
+        if lowered:
+            backend.fp32_precision = "ieee"
         with torch.autocast(device.type, enabled=False):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        if lowered:
+            backend.fp32_precision = saved
 
 
 class _GaussianKL(torch.autograd.Function):
@@ -999,6 +1010,9 @@ class _GaussianKL(torch.autograd.Function):
     Gradient: ∂KL/∂m_j = f1_j / Z_p - q_j / m_j, taken back to p̃_θ through Qbᵀ (its eps adds the
     same number to every ∂/∂p̃_k, which the softmax ignores), then through the softmax:
     ∂/∂L_k = p̃_k (∂/∂p̃_k - Σ_i p̃_i ∂/∂p̃_i); and ∂ce/∂L = p̃ - onehot(x_0).
+    The backward reuses its saved buffers, so the graph can be backpropagated once (a second
+    backward, e.g. with retain_graph=True, raises autograd's in-place error), as
+    `_SoftmaxMixSums`.
     """
 
     @staticmethod
@@ -1464,7 +1478,7 @@ def tune_cpu():
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3              # from <malloc.h>
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)                 # glibc's largest allowed
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)                 # glibc's default ceiling
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 

@@ -5,6 +5,7 @@ Run:  python -m pytest tests/test_fast_paths.py -q      (CPU, a few seconds)
   1. the closed-form loss of uniform/absorbing (`_vb_closed_form`) and the fused Gaussian loss
      (`_vb_gaussian`) equal the KL and decoder NLL composed from the explicit q_posterior_logits
      and p_logits, values and gradients; the Gaussian one stays float32 under bf16 autocast
+     and under torch.set_float32_matmul_precision("medium"); Q_t from its (T, K) tables
   2. q_sample without noise (exact draws: O(1) per pixel, or a binary search) follows q_probs
   3. the mixture sampler (`_step_mixture`), the Gaussian inverse-CDF step (`_step_gaussian`) and
      the Gumbel-max step sample the same p_θ(x_s | x_t), one step and a strided jump
@@ -216,8 +217,9 @@ def test_draw_categorical_follows_its_probabilities(K):
 @pytest.mark.parametrize("eps", [1e-6, 0.0])
 @pytest.mark.parametrize("t,s", [(6, 5), (9, 3)], ids=["step", "jump"])
 def test_gaussian_step_samples_p_theta(t, s, eps):
-    """`_step_gaussian` (what sample() and p_sample() use) against p_θ(x_s | x_t) ∝
-    (q(x_t | x_s) + eps)(p̃_θ Q̄_s + eps) from explicit float64 matrices, K = 32 (two blocks)."""
+    """`_step_gaussian` (eps > 0; the Gumbel-max step with eps = 0), what sample() and
+    p_sample() use, against p_θ(x_s | x_t) ∝ (q(x_t | x_s) + eps)(p̃_θ Q̄_s + eps) from explicit
+    float64 matrices, K = 32 (two blocks of the two-level draw)."""
     K, T, N, D = 32, 10, 20000, 4
     g = torch.Generator().manual_seed(t * 10 + s)
     d = D3PM(None, T, K, "gaussian", eps=eps, schedule=torch.linspace(0.01, 0.1, T, dtype=F64))
@@ -231,8 +233,73 @@ def test_gaussian_step_samples_p_theta(t, s, eps):
     fact2 = p0 @ d.Q_bar_matrix(s) + eps
     want = (jump[:, x_t[0, 0, 0]].T + eps) * fact2
     assert chisquare_pvalue(x_s.view(N, D), want / want.sum(-1, keepdim=True)) > 1e-4
-    # power: forgetting the factor q(x_t | x_s), or taking the jump's row, is rejected
+    # power: forgetting the factor q(x_t | x_s) is rejected (column vs row of the jump is
+    # checked in test_process.py, where the schedule makes them differ enough to see)
     assert chisquare_pvalue(x_s.view(N, D), fact2 / fact2.sum(-1, keepdim=True)) < 1e-6
-    if t - s > 1:
-        wrong = (jump[x_t[0, 0, 0]] + eps) * fact2
-        assert chisquare_pvalue(x_s.view(N, D), wrong / wrong.sum(-1, keepdim=True)) < 1e-6
+
+
+def test_draw_categorical_keeps_tiny_probabilities():
+    """A class of relative mass 1e-9 after half of the mass is still reachable: a uniform inside
+    its CDF interval returns it (a float32 running sum over all K would give it width 0)."""
+    K = 64
+    p = torch.zeros(3, K)
+    p[:, 3], p[:, 40], p[:, 50] = 0.5, 1e-9, 0.5           # class 40 sits between the halves
+    width = 1e-9 / (1.0 + 1e-9)
+    u = torch.tensor([0.5 / (1 + 1e-9) + 0.5 * width, 0.25, 0.75], dtype=F64)
+    x, _ = d3pm_runner._draw_categorical(p, u=u)
+    assert x.tolist() == [40, 3, 50]
+
+
+def test_gaussian_Q_t_tables_rebuild_the_matrices_exactly():
+    for K in (2, 3, 16, 255, 256):
+        d = D3PM(None, 20, K, "gaussian", schedule=torch.linspace(1e-4, 1.0, 20, dtype=F64))
+        t = torch.tensor([1, 2, 11, 20])
+        for Q, tt in zip(d._Q_t(t), t.tolist()):
+            assert torch.equal(Q, d.Q_matrix(tt).float()), (K, tt)
+
+
+def test_gaussian_q_sample_with_different_t_in_one_batch():
+    """The binary search reads each example's own Q̄_t (K = 17: not a power of two)."""
+    K, T, N = 17, 10, 20000
+    d = D3PM(None, T, K, "gaussian", schedule=torch.linspace(0.05, 0.9, T, dtype=F64))
+    g = torch.Generator().manual_seed(5)
+    ts = torch.tensor([1, 3, 10]).repeat(N)                  # examples alternate between 3 t
+    x_0 = torch.tensor([0, 8, K - 1]).repeat(3 * N, 1).view(3 * N, 1, 1, 3)
+    x_t = d.q_sample(x_0, ts, generator=g).view(N, 3, 3)       # [sample, t, pixel]
+    for i, t in enumerate((1, 3, 10)):
+        want = d.Q_bar_matrix(t)[[0, 8, K - 1]]
+        assert chisquare_pvalue(x_t[:, i], want) > 1e-4, t
+    assert chisquare_pvalue(x_t[:, 1], d.Q_bar_matrix(10)[[0, 8, K - 1]]) < 1e-6  # power
+
+
+def test_gaussian_loss_gradient_and_matmul_precision_stay_float32(monkeypatch):
+    """Gradients under bf16 autocast equal the float32 ones, and a process-wide
+    torch.set_float32_matmul_precision("medium") (oneDNN then multiplies float32 in bf16 on
+    CPUs that have it) does not reach the Gaussian product; the setting is restored after."""
+    K, T, B, D = 256, 50, 4, 64
+    g = torch.Generator().manual_seed(1)
+    model = FixedLogits(2 * torch.randn(B, 1, 1, D, K, generator=g))
+    model.forward = lambda x_t, t, cond=None: model.logits
+    d = D3PM(model, T, K, "gaussian")
+    x_0 = torch.randint(0, K, (B, 1, 1, D), generator=g)
+    t = torch.tensor([2, 10, 30, 50])
+    x_t = d.q_sample(x_0, t, generator=g)
+
+    def grad():
+        return torch.autograd.grad(d.loss_terms(x_0, x_t, t)["loss"].sum(), model.logits)[0]
+
+    want = grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(grad(), want, atol=1e-7, rtol=1e-5)
+    before = torch.get_float32_matmul_precision()
+    try:
+        a, b = torch.rand(64, 256, generator=g), torch.rand(256, 256, generator=g)
+        exact = a @ b
+        torch.set_float32_matmul_precision("medium")
+        torch.testing.assert_close(grad(), want, atol=1e-7, rtol=1e-5)
+        assert torch.get_float32_matmul_precision() == "medium"
+        if not torch.equal(a @ b, exact):  # this CPU lowers float32 matmuls: the test can tell
+            monkeypatch.setattr(d3pm_runner, "_exact_float32", lambda device: contextlib.nullcontext())
+            assert not torch.allclose(grad(), want, atol=1e-7, rtol=1e-5)
+    finally:
+        torch.set_float32_matmul_precision(before)

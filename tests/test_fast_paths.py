@@ -98,17 +98,21 @@ def test_closed_form_loss_equals_explicit_kl(transition, absorbing_state, K, eps
     assert bool(torch.isfinite(terms["loss"]).all())
 
 
+def gaussian_case(seed, K=256, T=50, D=64):
+    """A Gaussian D3PM whose 4 examples (t = 2, 10, 30, 50) have fixed random x̃_0 logits."""
+    g = torch.Generator().manual_seed(seed)
+    model = FixedLogits(2 * torch.randn(4, 1, 1, D, K, generator=g))
+    model.forward = lambda x_t, t, cond=None: model.logits     # one logit table per example
+    d = D3PM(model, T, K, "gaussian")
+    x_0 = torch.randint(0, K, (4, 1, 1, D), generator=g)
+    t = torch.tensor([2, 10, 30, 50])
+    return d, model, x_0, d.q_sample(x_0, t, generator=g), t
+
+
 def test_gaussian_loss_stays_float32_under_bf16_autocast(monkeypatch):
     """The fused Gaussian KL runs its p̃_θ Q̄ product in float32 even inside the training loop's
     bf16 autocast; without the guard (`_exact_float32`) the bf16 product moves the KL."""
-    K, T, B, D = 256, 50, 4, 64
-    g = torch.Generator().manual_seed(0)
-    model = FixedLogits(2 * torch.randn(B, 1, 1, D, K, generator=g))
-    model.forward = lambda x_t, t, cond=None: model.logits
-    d = D3PM(model, T, K, "gaussian")
-    x_0 = torch.randint(0, K, (B, 1, 1, D), generator=g)
-    t = torch.tensor([2, 10, 30, 50])
-    x_t = d.q_sample(x_0, t, generator=g)
+    d, model, x_0, x_t, t = gaussian_case(seed=0)
     kl = lambda: d._vb_gaussian(x_0, x_t, t, model.logits)[0]  # noqa: E731  per pixel, nats
     want = kl()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -276,14 +280,7 @@ def test_gaussian_loss_gradient_and_matmul_precision_stay_float32(monkeypatch):
     """Gradients under bf16 autocast equal the float32 ones, and a process-wide
     torch.set_float32_matmul_precision("medium") (oneDNN then multiplies float32 in bf16 on
     CPUs that have it) does not reach the Gaussian product; the setting is restored after."""
-    K, T, B, D = 256, 50, 4, 64
-    g = torch.Generator().manual_seed(1)
-    model = FixedLogits(2 * torch.randn(B, 1, 1, D, K, generator=g))
-    model.forward = lambda x_t, t, cond=None: model.logits
-    d = D3PM(model, T, K, "gaussian")
-    x_0 = torch.randint(0, K, (B, 1, 1, D), generator=g)
-    t = torch.tensor([2, 10, 30, 50])
-    x_t = d.q_sample(x_0, t, generator=g)
+    d, model, x_0, x_t, t = gaussian_case(seed=1)
 
     def grad():
         return torch.autograd.grad(d.loss_terms(x_0, x_t, t)["loss"].sum(), model.logits)[0]
@@ -293,7 +290,7 @@ def test_gaussian_loss_gradient_and_matmul_precision_stay_float32(monkeypatch):
         torch.testing.assert_close(grad(), want, atol=1e-7, rtol=1e-5)
     before = torch.get_float32_matmul_precision()
     try:
-        a, b = torch.rand(64, 256, generator=g), torch.rand(256, 256, generator=g)
+        a, b = torch.rand(64, 256), torch.rand(256, 256)
         exact = a @ b
         torch.set_float32_matmul_precision("medium")
         torch.testing.assert_close(grad(), want, atol=1e-7, rtol=1e-5)

@@ -717,18 +717,25 @@ class D3PM(nn.Module):
 
     @torch.no_grad()
     def nll_bpd(self, x_0, cond=None, **kwargs):
-        """The full bound -log p(x_0) <= Σ_{t=1}^{T} L_{t-1} + L_T, bits/dim per example [B].
-        Keyword arguments go to `nll_bpd_terms` (batch_size, progress, generator)."""
+        """The full variational bound -log p(x_0) <= Σ_{t=1}^{T} L_{t-1} + L_T in bits/dim per
+        example [B], with one draw of x_t per t per image, as the official code computes it
+        (a random number, not the exact NLL). Keyword arguments go to `nll_bpd_terms`
+        (batch_size, progress, generator)."""
         return self.nll_bpd_terms(x_0, cond, **kwargs).sum(1) + self.prior_bpd(x_0)
 
     @torch.no_grad()
     def nll_bpd_estimate(self, x_0, cond=None, num_t=100, generator=None, **kwargs):
-        """Unbiased estimate of `nll_bpd` from a subset of timesteps, with its standard error.
+        """An unbiased estimate of `nll_bpd` from num_t of its T terms, with its standard error.
 
-        L_0 (t = 1, usually the largest term) and L_T are computed exactly; of the T-1 terms for
-        t = 2..T, m = num_t - 1 are drawn without replacement and their sum is estimated as
-        (T-1) * mean, with standard error (T-1) sqrt((1 - m/(T-1)) s² / m) (finite-population
-        correction; s² the sample variance). Returns (estimate [B], standard error [B]).
+        L_0 (t = 1) and m = num_t - 1 timesteps drawn without replacement from 2..T, each term
+        the mean A_t of two independent draws a_t, b_t of x_t; est = A_1 + (T-1) mean_t A_t + L_T.
+        Its variance has two parts, both estimated: which timesteps were drawn (finite-population
+        correction, s² the sample variance of the A_t) and the x_t draws (v_t = (a_t - b_t)²/4 is
+        an unbiased estimate of Var A_t):
+            Var ≈ (T-1)² (1 - m/(T-1)) s²/m + (T-1) mean_t v_t + v_1.
+        (s² already holds the x_t noise of the drawn terms; the middle term adds what the
+        finite-population factor removes.) With num_t = T every term is drawn and only the x_t
+        noise is left. Returns (estimate [B], standard error [B]) in bits/dim.
         """
         T = self.num_timesteps
         m = min(num_t, T) - 1
@@ -736,13 +743,16 @@ class D3PM(nn.Module):
             raise ValueError(f"num_t must be >= 3 (or T) for a standard error, got {num_t}")
         rest = 2 + torch.randperm(T - 1, generator=generator,
                                   device=generator.device if generator is not None else "cpu")[:m]
-        terms = self.nll_bpd_terms(x_0, cond, [1] + rest.tolist(), generator=generator, **kwargs)
-        sampled = terms[:, 1:]
-        est = terms[:, 0] + (T - 1) * sampled.mean(1) + self.prior_bpd(x_0)
-        if m == T - 1:
-            return est, torch.zeros_like(est)
-        stderr = (T - 1) * torch.sqrt((1 - m / (T - 1)) * sampled.var(1) / m)
-        return est, stderr
+        ts = [1] + rest.tolist()
+        a, b = self.nll_bpd_terms(x_0, cond, ts + ts, generator=generator, **kwargs).chunk(2, 1)
+        terms, noise_var = (a + b) / 2, (a - b).pow(2) / 4          # [B, 1 + m] each
+        est = terms[:, 0] + (T - 1) * terms[:, 1:].mean(1) + self.prior_bpd(x_0)
+        var = noise_var[:, 0]
+        if m > 0:
+            var = var + (T - 1) * noise_var[:, 1:].mean(1)
+        if m < T - 1:
+            var = var + (T - 1) ** 2 * (1 - m / (T - 1)) * terms[:, 1:].var(1) / m
+        return est, var.sqrt()
 
     # ------------------------------------------------------------------------ sampler
     def _prior_sample(self, shape, generator=None, device=None):

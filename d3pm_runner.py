@@ -56,7 +56,7 @@ class Config:
     num_classes: int = 2              # K: states per pixel (mnist: quantisation levels; heart: bins)
     # ---- process
     num_timesteps: int = 1000         # T: diffusion steps
-    transition: str = "absorbing"     # uniform | absorbing | gaussian
+    transition: str = "uniform"       # uniform | absorbing | gaussian (presets choose their own)
     schedule: str = "default"         # default (per transition) | cosine | linear | jsd
     absorbing_state: str = "mask"     # absorbing only: mask (extra [MASK] state) | grey (K//2)
     model_output: str = "logits"      # logits | logistic (truncated discretized logistic)
@@ -85,11 +85,11 @@ class Config:
     num_samples: int = 100            # samples per grid (a row per class)
     sample_steps: int = 0             # reverse steps at sampling (0 = all T; fewer = strided)
     guidance: float = 0.0             # classifier-free guidance weight w (0 = conditional)
-    eval_images: int = 1000           # test images for the final NLL (full bound)
+    eval_images: int = 1000           # test images for the final bounds on -log p(x), -log p(x|y)
     # ---- modes
     resume: str = ""                  # checkpoint to continue from (or to sample/evaluate)
     sample_only: bool = False         # with --resume: write samples.pt, a grid and a GIF
-    eval_only: bool = False           # with --resume: print the test NLL (bits/dim) as JSON
+    eval_only: bool = False           # with --resume: print both test bounds (bits/dim) as JSON
     preset: str = ""                  # cpu | heart: named settings, overridden by flags
     figures: bool = False             # write the teaching figures (into --out, default contents/)
 
@@ -144,6 +144,9 @@ def validate_config(cfg):
             raise UsageError(f"{message}, got {_offending(message, cfg)}")
     if cfg.model_output == "logistic" and cfg.dataset == "heart":
         raise UsageError("--model-output logistic is for images, not the heart toy")
+    if cfg.guidance > 0 and cfg.label_dropout == 0:
+        raise UsageError(f"--guidance {cfg.guidance} needs a model trained with --label-dropout > 0: "
+                         "with 0 the null class that guidance subtracts was never trained")
     if (cfg.sample_only or cfg.eval_only) and not cfg.resume:
         raise UsageError("--sample-only and --eval-only need --resume CHECKPOINT")
 
@@ -1352,11 +1355,11 @@ def save_points(data_pts, model_pts, num_classes, path):
 # ------------------------------------------------------------------------ sampling and eval
 
 def draw_samples(cfg, d3pm, net, num_labels, n, shape, device, generator, trajectory=False):
-    """n class-conditional samples, labels 0,0,..,1,1,.. (n // num_labels per class), drawn in
-    batches of cfg.batch_size. The first batch is the preview: up to 10 samples per class, whose
+    """Exactly n class-conditional samples, labels 0,0,..,1,1,.. spread over the classes as
+    evenly as possible (each gets n // num_labels or one more), drawn in batches of cfg.batch_size. The first batch is the preview: up to 10 samples per class, whose
     reverse process is kept (on the CPU) when `trajectory` is set, for the grid and the GIF.
     Returns (labels [n], x [n, ...] long on the CPU, preview indices, trajectory or None)."""
-    labels = torch.arange(num_labels).repeat_interleave(max(1, n // num_labels))[:n]
+    labels = torch.arange(n) * num_labels // n
     preview = torch.cat([(labels == c).nonzero().flatten()[:10] for c in range(num_labels)])
     rest = torch.ones(len(labels), dtype=torch.bool)
     rest[preview] = False
@@ -1399,18 +1402,43 @@ def write_samples(cfg, d3pm, net, data, device, tag):
     return x, path
 
 
-def test_nll(cfg, d3pm, net, data, device):
-    """The full bound on the first cfg.eval_images test images, bits/dim (mean over images)."""
+def test_bounds(cfg, d3pm, net, data, device):
+    """The full bound (`nll_bpd`) on the first cfg.eval_images test images, in bits/dim, twice:
+    with the null label, a bound on -log p(x) (the number comparable with the literature), and
+    with each image's label, a bound on -log p(x | y). Each is the mean over the images with its
+    standard error (which includes the x_t draws: every image has its own). Both passes use the
+    same x_t draws. A model trained without label dropout never saw the null label: with one
+    class p(x) = p(x | y) and nll_bpd takes the conditional figure; with more, it is None."""
     n = min(cfg.eval_images, len(data.test_x))
+    result = {"nll_bpd": None, "nll_bpd_stderr": None, "nll_bpd_given_label": None,
+              "nll_bpd_given_label_stderr": None, "eval_images": n}
     if n == 0:
-        return float("nan")
-    total, g = 0.0, torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    with using_model(d3pm, net), autocast_for(device, cfg.precision):
-        for i in _progress(range(0, n, cfg.batch_size), True, desc="test NLL (batches)"):
-            x = data.test_x[i:i + min(cfg.batch_size, n - i)].to(device)
-            y = data.test_y[i:i + len(x)].to(device)
-            total += float(d3pm.nll_bpd(x, y, generator=g, batch_size=max(256, len(x))).sum())
-    return total / n
+        return result
+    null_trained = cfg.label_dropout > 0
+    for name, use_label in (("nll_bpd_given_label", True), ("nll_bpd", False)):
+        if not use_label and not null_trained:
+            break
+        bpd, g = [], torch.Generator(device=device).manual_seed(cfg.seed + 2)
+        with using_model(d3pm, net), autocast_for(device, cfg.precision):
+            for i in _progress(range(0, n, cfg.batch_size), True, desc=f"{name} (batches)"):
+                x = data.test_x[i:i + min(cfg.batch_size, n - i)].to(device)
+                y = data.test_y[i:i + len(x)].to(device) if use_label else None
+                bpd.append(d3pm.nll_bpd(x, y, generator=g, batch_size=max(256, len(x))).cpu())
+        bpd = torch.cat(bpd).double()
+        result[name] = float(bpd.mean())
+        result[name + "_stderr"] = float(bpd.std() / math.sqrt(n)) if n > 1 else float("nan")
+    if not null_trained and data.num_labels == 1:
+        result["nll_bpd"], result["nll_bpd_stderr"] = (result["nll_bpd_given_label"],
+                                                       result["nll_bpd_given_label_stderr"])
+    return result
+
+
+def describe_bounds(r):
+    """One line for the log: both bounds with their standard errors."""
+    fmt = lambda v, e: "n/a (no null label trained)" if v is None else f"{v:.4f} ± {e:.4f}"  # noqa: E731
+    return (f"bound on -log p(x): {fmt(r['nll_bpd'], r['nll_bpd_stderr'])} bits/dim, on "
+            f"-log p(x|y): {fmt(r['nll_bpd_given_label'], r['nll_bpd_given_label_stderr'])} "
+            f"bits/dim ({r['eval_images']} test images)")
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -1534,7 +1562,8 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {}))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    warmup = lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
     step, skipped_total = 0, 0
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
@@ -1542,6 +1571,11 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        # --lr, --weight-decay and --warmup-steps given now win over the checkpoint's values
+        sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+        for group in opt.param_groups:
+            group.update(initial_lr=cfg.lr, lr=cfg.lr * warmup(sched.last_epoch),
+                         weight_decay=cfg.weight_decay)
         step, skipped_total = ckpt["step"], ckpt.get("skipped_steps", 0)
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
@@ -1678,12 +1712,11 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
 
     # 6. at the end: samples from the EMA weights and the test NLL (full bound)
     _, grid = write_samples(cfg, d3pm, ema.module, data, device, "final")
-    nll = test_nll(cfg, d3pm, ema.module, data, device)
-    result = {"step": step, "test_nll_bpd": nll, "eval_images": min(cfg.eval_images, len(data.test_x)),
+    result = {"step": step, **test_bounds(cfg, d3pm, ema.module, data, device),
               "train_seconds": round(time.time() - t_start, 1)}
     with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(result) + "\n")
-    log(f"test NLL {nll:.4f} bits/dim on {result['eval_images']} test images; samples in {grid}")
+    log(f"{describe_bounds(result)}; samples in {grid}")
     return result
 
 
@@ -1702,7 +1735,7 @@ def _check_ranks_agree(net, log):
 
 
 def evaluate_only(cfg, d3pm, net, data, device, log):
-    """--sample-only: samples.pt + grid + GIF. --eval-only: the test NLL as one JSON line."""
+    """--sample-only: samples.pt + grid + GIF. --eval-only: both test bounds as one JSON line."""
     if cfg.sample_only:
         g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         heart = cfg.dataset == "heart"
@@ -1718,8 +1751,8 @@ def evaluate_only(cfg, d3pm, net, data, device, log):
         log(f"wrote {len(x)} samples to {os.path.join(cfg.out, 'samples.pt')}")
     result = {}
     if cfg.eval_only:
-        result = {"test_nll_bpd": test_nll(cfg, d3pm, net, data, device),
-                  "eval_images": min(cfg.eval_images, len(data.test_x))}
+        result = test_bounds(cfg, d3pm, net, data, device)
+        log(describe_bounds(result))
         print(json.dumps(result), flush=True)
     return result
 

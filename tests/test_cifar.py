@@ -24,7 +24,7 @@ def tiny(tmp_path, **overrides):
 def test_train_step_and_samples(tmp_path, model_output):
     cfg = tiny(tmp_path, model_output=model_output)
     result = cifar.run(cfg)
-    assert result["step"] == cfg.train_steps and np.isfinite(result["test_nll_bpd"])
+    assert result["step"] == cfg.train_steps and np.isfinite(result["nll_bpd"])
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["model"] == "DiT-T/2" and ckpt["config"]["model_output"] == model_output
     sample_cfg = tiny(tmp_path, model_output=model_output, resume=str(tmp_path / "run" / "checkpoint.pt"),

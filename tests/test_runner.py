@@ -55,7 +55,7 @@ def tiny_flags(mnist_root, out, **overrides):
 def metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [r for r in rows if "loss" in r], [r for r in rows if "test_nll_bpd" in r]
+    return [r for r in rows if "loss" in r], [r for r in rows if "nll_bpd" in r]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,10 @@ def test_training_lowers_the_loss_and_writes_its_outputs(trained):
     losses = [r["loss"] for r in train_rows]
     assert losses[-1] < 0.8 * losses[0], losses
     assert result["step"] == 40 and len(final_rows) == 1
-    assert 0 < final_rows[0]["test_nll_bpd"] < 10 and final_rows[0]["eval_images"] == 8
+    final = final_rows[0]
+    assert final["eval_images"] == 8
+    for name in ("nll_bpd", "nll_bpd_given_label"):
+        assert 0 < final[name] < 10 and 0 < final[name + "_stderr"] < final[name], (name, final)
     with open(os.path.join(cfg.out, "config.json")) as f:
         assert json.load(f) == dataclasses.asdict(cfg)
     with Image.open(os.path.join(cfg.out, "samples_final.png")) as png:
@@ -176,7 +179,82 @@ def test_eval_only_prints_one_json_line(trained, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1, f"stdout should be one JSON line, got {lines}"
     result = json.loads(lines[0])
-    assert np.isfinite(result["test_nll_bpd"]) and result["test_nll_bpd"] > 0
+    assert set(result) == {"nll_bpd", "nll_bpd_stderr", "nll_bpd_given_label",
+                           "nll_bpd_given_label_stderr", "eval_images"}
+    assert result["eval_images"] == 8
+    for name in ("nll_bpd", "nll_bpd_given_label"):
+        assert np.isfinite(result[name]) and result[name] > 0 and result[name + "_stderr"] > 0
+
+
+def test_the_two_bounds_pass_the_null_label_and_the_true_labels(trained, monkeypatch):
+    """nll_bpd conditions on the null label (a bound on -log p(x)), nll_bpd_given_label on
+    each test image's own label (-log p(x | y)); each is the mean over the test images."""
+    cfg, _ = trained
+    data = R.load_mnist(cfg.data_root, K)
+    net = R.build_model(cfg, data)
+    net.load_state_dict(torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=True)["model"])
+    d3pm = R.build_d3pm(cfg, net)
+    seen = []
+    nll_bpd = R.D3PM.nll_bpd
+    monkeypatch.setattr(R.D3PM, "nll_bpd", lambda self, x, cond=None, **kw:
+                        seen.append((x.clone(), cond)) or nll_bpd(self, x, cond, **kw))
+    cfg = dataclasses.replace(cfg, eval_images=6, batch_size=4)
+    result = R.test_bounds(cfg, d3pm, net, data, torch.device("cpu"))
+    labelled = [(x, c) for x, c in seen if c is not None]
+    null = [(x, c) for x, c in seen if c is None]
+    for part in (labelled, null):     # batches of 4 and 2 covering the first 6 test images
+        assert torch.equal(torch.cat([x for x, _ in part]), data.test_x[:6])
+    assert torch.equal(torch.cat([c for _, c in labelled]), data.test_y[:6])
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    by_hand = torch.cat([nll_bpd(d3pm, data.test_x[i:j], None, generator=g) for i, j in ((0, 4), (4, 6))])
+    assert result["nll_bpd"] == pytest.approx(float(by_hand.double().mean()), rel=1e-6)
+    assert result["nll_bpd_stderr"] == pytest.approx(float(by_hand.double().std() / 6 ** 0.5), rel=1e-5)
+    assert result["nll_bpd"] != result["nll_bpd_given_label"]
+
+
+def test_without_label_dropout_there_is_no_null_label_bound(trained):
+    cfg, _ = trained
+    data = R.load_mnist(cfg.data_root, K)
+    net = R.build_model(cfg, data)
+    cfg = dataclasses.replace(cfg, eval_images=2, label_dropout=0.0)
+    result = R.test_bounds(cfg, R.build_d3pm(cfg, net), net, data, torch.device("cpu"))
+    assert result["nll_bpd"] is None and result["nll_bpd_given_label"] > 0
+
+
+def test_sample_only_writes_exactly_num_samples(trained, tmp_path):
+    cfg, _ = trained
+    R.main(["--sample-only", "--resume", os.path.join(cfg.out, "checkpoint.pt"),
+            "--num-samples", "13", "--out", str(tmp_path), "--sample-steps", "2"])
+    labels = torch.load(tmp_path / "samples.pt", weights_only=True)["labels"]
+    assert len(labels) == 13
+    counts = torch.bincount(labels, minlength=10)
+    assert counts.sum() == 13 and counts.max() - counts.min() <= 1, counts
+    assert labels.tolist() == sorted(labels.tolist())
+
+
+def test_lr_and_weight_decay_given_with_resume_are_applied(mnist_root, tmp_path):
+    """--lr / --weight-decay given with --resume take effect (optimizer, schedule and the
+    logged lr), rather than the checkpoint's values."""
+    out = tmp_path / "run"
+    R.main(tiny_flags(mnist_root, out, train_steps=4, log_every=2, eval_images=0, num_samples=2,
+                      warmup_steps=1))
+    ckpt = str(out / "checkpoint.pt")
+    R.main(["--resume", ckpt, "--train-steps", "8", "--lr", "1e-4", "--weight-decay", "0.05"])
+    state = torch.load(ckpt, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        assert group["lr"] == pytest.approx(1e-4) and group["weight_decay"] == pytest.approx(0.05)
+    assert state["scheduler"]["base_lrs"] == [pytest.approx(1e-4)]
+    train_rows, _ = metrics(out)
+    assert [r["lr"] for r in train_rows] == pytest.approx([3e-3, 3e-3, 1e-4, 1e-4])
+    with open(out / "config.json") as f:
+        assert json.load(f)["lr"] == pytest.approx(1e-4)
+
+
+def test_default_transition_is_uniform_and_presets_keep_theirs():
+    cfg = R.resolve_config({})
+    assert cfg.transition == "uniform"
+    assert R.resolve_config({"preset": "cpu"}).transition == "absorbing"
+    assert R.resolve_config({"preset": "heart"}).transition == "uniform"
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -204,6 +282,9 @@ BAD_INPUT = {
     "no MNIST": (["--data-root", "{tmp}/empty"], "MNIST"),
     "unwritable out": (["--data-root", "{data}", "--out", "{tmp}/file/run"], "--out"),
     "config mismatch": (["--resume", "{ckpt}", "--num-classes", "4"], "num_classes"),
+    "guidance, no null class": (["--guidance", "1", "--label-dropout", "0"], "--label-dropout"),
+    "guidance on a model without label dropout": (["--preset", "heart", "--guidance", "2"],
+                                                  "--label-dropout"),
 }
 
 

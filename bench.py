@@ -9,7 +9,9 @@ measured side by side in one run (absolute times on a shared machine are noise; 
     python bench.py --shapes cifar --cifar-model DiT-T/2 --batch-size 8 --threads 1  # CIFAR, CPU
     python bench.py --profile --transitions gaussian --ks 256 --shapes mnist --threads 1
 
-On the CPU the bench applies d3pm_runner.tune_cpu() as train() does (--no-cpu-tuning: not).
+Each configuration is measured for both process classes, the reference d3pm_runner.D3PM (the
+paper's form: no target) and d3pm_fast.FastD3PM (the targets below). On the CPU the bench
+applies d3pm_fast.tune_cpu() first, as FastD3PM's first call would (--no-cpu-tuning: not).
 On a CPU shared with other jobs, --threads 1 keeps the timings stable: with more threads than
 free cores, OpenMP's waits can make single ops 10-100x slower at random.
 
@@ -54,9 +56,11 @@ import torch
 import torch.nn as nn
 
 import d3pm_runner as d3
+from d3pm_fast import FastD3PM, tune_cpu
 from dit import dit_from_name
 
 SHAPES = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}   # (C, H, W)
+CLASSES = {"reference": d3.D3PM, "fast": FastD3PM}     # targets apply to the fast class
 NUM_LABELS = 10
 BUFFER_T = 1000          # buffers are reported at T = 1000 whatever --num-timesteps is
 TARGET_AB = {"uniform": 1.10, "absorbing": 1.10, "gaussian": 1.25}  # gaussian: at K = 256 only
@@ -68,8 +72,8 @@ TARGET_BUFFER = 2 ** 20  # bytes; uniform and absorbing
 # Set-up: network, process, batch
 # ================================================================================================
 
-def build(args, shape, transition, K, device):
-    """(d3pm, net, optimizer, x_0, y) for one configuration, seeded."""
+def build(args, cls, shape, transition, K, device):
+    """(d3pm, net, optimizer, x_0, y) for one configuration and process class, seeded."""
     torch.manual_seed(args.seed)
     S = K + 1 if absorbing_arg(args, transition) == "mask" else K
     C, H, W = SHAPES[shape]
@@ -81,9 +85,9 @@ def build(args, shape, transition, K, device):
                             num_labels=NUM_LABELS, num_timesteps=args.num_timesteps,
                             output=args.model_output)
     net = net.to(device)
-    d3pm = d3.D3PM(net, args.num_timesteps, K, transition, model_output=args.model_output,
-                   absorbing_state=absorbing_arg(args, transition)).to(device)
-    d3pm.validate = device.type != "cuda"  # as train(): range checks sync the host on CUDA
+    d3pm = CLASSES[cls](net, args.num_timesteps, K, transition, model_output=args.model_output,
+                        absorbing_state=absorbing_arg(args, transition),
+                        check_inputs=device.type != "cuda").to(device)  # as train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4,
                             **({"fused": True} if device.type == "cuda" else {}))
     x_0 = torch.randint(0, K, (args.batch_size, C, H, W), device=device)
@@ -185,13 +189,13 @@ def peak_memory(fn, device, sync):
 # One configuration
 # ================================================================================================
 
-def bench_one(args, shape, transition, K, device):
+def bench_one(args, cls, shape, transition, K, device):
     sync = make_sync(device)
-    d3pm, net, opt, x_0, y = build(args, shape, transition, K, device)
+    d3pm, net, opt, x_0, y = build(args, cls, shape, transition, K, device)
     T = args.num_timesteps
     full_step, net_step, sample_step, forward = make_steps(d3pm, net, opt, x_0, y, device,
                                                            t_mid=max(2, T // 2))
-    r = {"shape": shape, "transition": transition, "K": K, "B": args.batch_size}
+    r = {"class": cls, "shape": shape, "transition": transition, "K": K, "B": args.batch_size}
     r["full_s"], r["net_s"], r["a_over_b"] = alternate(full_step, net_step, args.warmup,
                                                       args.repeats, sync)
     r["sample_s"], r["fwd_s"], r["sample_over_fwd"] = alternate(sample_step, forward, args.warmup,
@@ -216,8 +220,8 @@ def bench_one(args, shape, transition, K, device):
     if T == BUFFER_T:
         r["buffer_bytes"] = buffer_bytes(d3pm)
     else:
-        r["buffer_bytes"] = buffer_bytes(d3.D3PM(nn.Identity(), BUFFER_T, K, transition,
-                                                 absorbing_state=absorbing_arg(args, transition)))
+        r["buffer_bytes"] = buffer_bytes(CLASSES[cls](nn.Identity(), BUFFER_T, K, transition,
+                                                      absorbing_state=absorbing_arg(args, transition)))
     r["peak_a"] = peak_memory(full_step, device, sync)
     r["peak_b"] = peak_memory(net_step, device, sync) if device.type == "cuda" else None
     r.update(targets(r))
@@ -227,6 +231,8 @@ def bench_one(args, shape, transition, K, device):
 def targets(r):
     """PASS/FAIL (or None where the issue sets no target) for each target column."""
     tr, K = r["transition"], r["K"]
+    if r["class"] != "fast":
+        return {"ab_target": None, "sample_target": None, "buffer_target": None}
     closed_form = tr in ("uniform", "absorbing")
     verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     return {
@@ -239,14 +245,14 @@ def targets(r):
 def print_table(rows, device):
     mib = lambda b: "-" if b is None else f"{b / 2**20:.0f}"  # noqa: E731
     mem = "peak a/b MiB" if device.type == "cuda" else "maxrss MiB*"
-    head = (f"{'shape':6} {'transition':10} {'K':>4} | {'a ms':>8} {'b ms':>8} {'a/b':>6} {'tgt':>4} | "
+    head = (f"{'class':9} {'shape':6} {'transition':10} {'K':>4} | {'a ms':>8} {'b ms':>8} {'a/b':>6} {'tgt':>4} | "
             f"{'samp ms':>8} {'fwd ms':>8} {'s/fwd':>6} {'tgt':>4} | {'nll im*t/s':>10} "
             f"{'nll/fwd':>8} | {'buffers':>10} {'tgt':>4} | {mem}")
     print(head)
     print("-" * len(head))
     for r in rows:
         peak = mib(r["peak_a"]) + ("/" + mib(r["peak_b"]) if r["peak_b"] is not None else "")
-        print(f"{r['shape']:6} {r['transition']:10} {r['K']:>4} | {1e3 * r['full_s']:8.1f} "
+        print(f"{r['class']:9} {r['shape']:6} {r['transition']:10} {r['K']:>4} | {1e3 * r['full_s']:8.1f} "
               f"{1e3 * r['net_s']:8.1f} {r['a_over_b']:6.2f} {r['ab_target'] or '-':>4} | "
               f"{1e3 * r['sample_s']:8.1f} {1e3 * r['fwd_s']:8.1f} {r['sample_over_fwd']:6.2f} "
               f"{r['sample_target'] or '-':>4} | {r['nll_img_t_per_s']:10.0f} "
@@ -307,16 +313,16 @@ def print_profile(title, ops_full, ops_net, rows):
               f"{(us - us_net) / 1e3:9.2f}")
 
 
-def profile_one(args, shape, transition, K, device):
+def profile_one(args, cls, shape, transition, K, device):
     sync = make_sync(device)
-    d3pm, net, opt, x_0, y = build(args, shape, transition, K, device)
+    d3pm, net, opt, x_0, y = build(args, cls, shape, transition, K, device)
     full_step, net_step, sample_step, forward = make_steps(
         d3pm, net, opt, x_0, y, device, t_mid=max(2, args.num_timesteps // 2))
     for fn in (full_step, net_step, sample_step, forward) * max(1, args.warmup):
         fn()
     steps = args.profile_steps
     where = "CUDA" if device.type == "cuda" else "CPU"
-    print(f"\n=== profile: {shape} {transition} K={K} B={args.batch_size} T={args.num_timesteps}, "
+    print(f"\n=== profile: {cls} {shape} {transition} K={K} B={args.batch_size} T={args.num_timesteps}, "
           f"self {where} time per step, per-op median of {steps} alternated steps ===")
     print_profile("training step (a) vs network step (b)",
                   *profile_pair(full_step, net_step, steps, device, sync), args.profile_rows)
@@ -347,9 +353,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results here as JSON")
+    p.add_argument("--classes", nargs="+", default=["reference", "fast"], choices=tuple(CLASSES),
+                   help="process classes, each measured on the same configurations")
     p.add_argument("--no-cpu-tuning", action="store_true",
-                   help="CPU: skip d3pm_runner.tune_cpu() (denormals flushed, freed memory "
-                        "kept by glibc), which train() applies")
+                   help="CPU: skip d3pm_fast.tune_cpu() (denormals flushed, freed memory kept by "
+                        "glibc), which FastD3PM makes on its first CPU call")
     p.add_argument("--profile", action="store_true",
                    help="profile each selected (shape, transition, K) instead of the table")
     p.add_argument("--profile-steps", type=int, default=5, help="steps per profile (median per op)")
@@ -372,10 +380,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.batch_size is None:
         args.batch_size = 256 if device.type == "cuda" else 64
-    if device.type == "cuda":  # as train() does
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    elif not args.no_cpu_tuning:
-        d3.tune_cpu()  # as train() does on the CPU
+    if args.no_cpu_tuning:
+        FastD3PM.tune_cpu_on_first_use = False
+    elif device.type == "cpu":  # FastD3PM's first call would: make it so for every row alike
+        tune_cpu()
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f", {torch.get_num_threads()} threads, tune_cpu "
@@ -387,14 +395,15 @@ def main(argv=None):
     for shape in args.shapes:
         for transition in args.transitions:
             for K in args.ks:
-                if args.profile:
-                    profile_one(args, shape, transition, K, device)
-                    continue
-                rows.append(bench_one(args, shape, transition, K, device))
-                r = rows[-1]
-                print(f"  done {shape} {transition} K={K}: a/b {r['a_over_b']:.2f}, samp/fwd "
-                      f"{r['sample_over_fwd']:.2f} ({time.perf_counter() - start:.0f} s)",
-                      file=sys.stderr, flush=True)
+                for cls in args.classes:
+                    if args.profile:
+                        profile_one(args, cls, shape, transition, K, device)
+                        continue
+                    rows.append(bench_one(args, cls, shape, transition, K, device))
+                    r = rows[-1]
+                    print(f"  done {cls} {shape} {transition} K={K}: a/b {r['a_over_b']:.2f}, samp/fwd "
+                          f"{r['sample_over_fwd']:.2f} ({time.perf_counter() - start:.0f} s)",
+                          file=sys.stderr, flush=True)
     if rows:
         print()
         print_table(rows, device)

@@ -22,12 +22,10 @@ S = num_states (K, or K+1 when the absorbing process has its own [MASK] state), 
 Every per-pixel distribution keeps its class axis last: (B, C, H, W, S).
 """
 
-import ctypes
 import dataclasses
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import time
@@ -91,7 +89,7 @@ class Config:
     sample_only: bool = False         # with --resume: write samples.pt, a grid and a GIF
     eval_only: bool = False           # with --resume: print both test bounds (bits/dim) as JSON
     preset: str = ""                  # cpu | heart: named settings, overridden by flags
-    figures: bool = False             # write the teaching figures (into --out, default contents/)
+    no_fast: bool = False             # use the reference D3PM class, not d3pm_fast.FastD3PM
 
 
 PRESETS = {
@@ -157,7 +155,7 @@ def _offending(message, cfg):
 
 
 # ================================================================================================
-# 1. Schedules and one-step transition matrices Q_t
+# 1. Schedules and one-step transition matrices Q_t   [§3.1, §3.2, App. A]
 # ================================================================================================
 
 def get_betas(name, num_timesteps):
@@ -167,9 +165,9 @@ def get_betas(name, num_timesteps):
         return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
     if name == "cosine":
         # Nichol & Dhariwal's schedule, but the official code leaves the cosine UNSQUARED
-        # (ᾱ(s) = cos(...), not cos²(...)); we follow the code, see README "Differences".
-        s = torch.arange(T + 1, dtype=torch.float64) / T
-        alpha_bar = torch.cos((s + 0.008) / 1.008 * math.pi / 2)
+        # (ᾱ(u) = cos(...), not cos²(...)); we follow the code, see README "Differences".
+        u = torch.arange(T + 1, dtype=torch.float64) / T
+        alpha_bar = torch.cos((u + 0.008) / 1.008 * math.pi / 2)
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
     if name == "jsd":  # β_t = 1/(T-t+1): 1/T, 1/(T-1), ..., 1. The paper's absorbing schedule.
         return 1.0 / torch.linspace(T, 1, T, dtype=torch.float64)
@@ -197,56 +195,79 @@ def gaussian_Q(beta, num_classes, device=None):
     return Q
 
 
+def log_or_zero(p, eps=0.0):
+    """log(p + eps) as the official code does; with eps = 0, log(p) with log(0) = LOG_ZERO."""
+    if eps > 0:
+        return torch.log(p + eps)
+    return torch.where(p > 0, torch.log(torch.where(p > 0, p, 1.0)), LOG_ZERO)
+
+
+def gumbel_argmax(logits, noise=None, generator=None):
+    """One draw per row of Cat(softmax(logits)) by Gumbel-max, the noise in float64 from
+    uniforms clipped at the smallest positive float (`noise`, if given, holds the uniforms)."""
+    if noise is None:
+        noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator,
+                           device=logits.device)
+    u = noise.clamp(min=torch.finfo(noise.dtype).tiny, max=1.0).double()
+    return (logits.double() - torch.log(-torch.log(u))).argmax(-1)
+
+
+def guide(log_c, log_u, w):
+    """Classifier-free guidance on normalised log-probabilities: (1+w) log p_c - w log p_u,
+    the "D-CFG" of Schiff et al. 2024 (arXiv:2412.10193) with γ = 1 + w. A state that p_c rules
+    out stays at LOG_ZERO; one that only p_u rules out (by float underflow alone: both share
+    their support) keeps log p_c. Identical inputs return them unchanged for every w."""
+    zero_c, zero_u = log_c <= LOG_ZERO / 2, log_u <= LOG_ZERO / 2
+    return torch.where(zero_c, LOG_ZERO, torch.where(zero_u, log_c, (1 + w) * log_c - w * log_u))
+
+
+def _check_process_args(T, K, transition, loss_type, model_output, eps):
+    if T < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {T}")
+    if not 2 <= K <= 256:
+        raise ValueError(f"num_classes must be in 2..256, got {K}")
+    if transition not in DEFAULT_SCHEDULE:
+        raise ValueError(f"unknown transition {transition!r}; expected one of {sorted(DEFAULT_SCHEDULE)}")
+    if loss_type not in ("hybrid", "vb", "ce"):
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected 'hybrid', 'vb' or 'ce'")
+    if model_output not in ("logits", "logistic"):
+        raise ValueError(f"unknown model_output {model_output!r}; expected 'logits' or 'logistic'")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
 # ================================================================================================
-# 2. The D3PM process
+# 2. The D3PM process: q, the posterior, p_θ, the bound, the sampler   [§3, eq. 1-5]
 # ================================================================================================
 
 class D3PM(nn.Module):
-    """Discrete diffusion with an x_0-parameterized reverse process   [D3PM §3].
+    """Discrete diffusion with an x_0-parameterized reverse process: the paper, one method per
+    equation. `d3pm_fast.FastD3PM` overrides a few of them with faster forms of the same numbers.
 
-    Time convention, as in the paper (the official code is 0-based; its t is our t-1):
-    x_0 is data, t ∈ {1..T}, x_t ~ q(x_t | x_0) = Cat(x_0 Q̄_t) with Q̄_t = Q_1 Q_2 ... Q_t and
-    Q̄_0 = I. Q[i, j] = q(x_t = j | x_{t-1} = i): rows are "from", and rows sum to one.
-
-    Uniform and absorbing transitions have the form Q_t = (1-β_t) I + β_t 1 sᵀ with s their
-    stationary distribution (uniform: 1/K; absorbing: e_m), so Q̄_t = ᾱ_t I + (1-ᾱ_t) 1 sᵀ with
-    ᾱ_t = Π_{r≤t}(1-β_r)   [§3.1, App. A]. We use these closed forms and store only
-    β, ᾱ and s (O(T + K) numbers). The discretized Gaussian has no such form: its Q̄_t are built
-    in float64 and stored as a float32 stack (T+1 x K x K); each Q_t (a Toeplitz band plus its
-    diagonal) as two T x K tables.
+    Time as in the paper (the official code is 0-based; its t is our t-1): x_0 is data,
+    t ∈ {1..T}, Q̄_t = Q_1 Q_2 ⋯ Q_t, Q̄_0 = I. Q[i, j] = q(x_t = j | x_{t-1} = i): rows are
+    "from" and sum to one. Uniform and absorbing are Q_t = (1-β_t) I + β_t 1 πᵀ with π their
+    stationary distribution (uniform: 1/K; absorbing: e_m), so Q̄_t = ᾱ_t I + (1-ᾱ_t) 1 πᵀ with
+    ᾱ_t = Π_{r≤t} (1-β_r) [App. A]; the process keeps β, ᾱ and π. The discretized Gaussian keeps
+    its Q̄_t as an explicit float32 stack built in float64, and makes each Q_t from β_t (eq. 8).
 
     `x0_model(x_t, t, cond)` returns logits over x_0 of shape x_t.shape + (K,) (or, with
     model_output="logistic", a (loc, log_scale) pair of x_t's shape); t is the 1-based step.
+    eps is added to probabilities inside each log of the loss and the bound, exactly where the
+    official code adds it; sampling uses the exact p_θ (eps = 0 there).
     """
 
     def __init__(self, x0_model, num_timesteps, num_classes, transition="uniform",
                  schedule=None, hybrid_coeff=0.001, loss_type="hybrid", model_output="logits",
-                 absorbing_state=None, eps=1e-6):
+                 absorbing_state=None, eps=1e-6, check_inputs=True):
         super().__init__()
         T, K = int(num_timesteps), int(num_classes)
-        if T < 1:
-            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-        if not 2 <= K <= 256:
-            raise ValueError(f"num_classes must be in 2..256, got {num_classes}")
-        if transition not in DEFAULT_SCHEDULE:
-            raise ValueError(f"unknown transition {transition!r}; expected one of "
-                             f"{sorted(DEFAULT_SCHEDULE)}")
-        if loss_type not in ("hybrid", "vb", "ce"):
-            raise ValueError(f"unknown loss_type {loss_type!r}; expected 'hybrid', 'vb' or 'ce'")
-        if model_output not in ("logits", "logistic"):
-            raise ValueError(f"unknown model_output {model_output!r}; "
-                             "expected 'logits' or 'logistic'")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        self.x0_model = x0_model
-        self.num_timesteps, self.num_classes, self.transition = T, K, transition
+        _check_process_args(T, K, transition, loss_type, model_output, eps)
+        self.x0_model, self.num_timesteps, self.num_classes, self.transition = x0_model, T, K, transition
         self.hybrid_coeff, self.loss_type, self.model_output = hybrid_coeff, loss_type, model_output
-        self.eps = float(eps)  # added to probabilities inside log(), exactly where the official
-        #                        code adds it; 0 gives the exact posterior with no floor.
-        self.validate = True   # range checks on inputs (one host sync each); off for speed
-
+        self.eps, self.check_inputs = float(eps), check_inputs  # range checks: a host sync each
         # The absorbing state m: the grey value K//2 by default, as the paper does for images
-        # (an ordinary pixel value), or "mask": a dedicated extra state m = K.
+        # (an ordinary pixel value), an int, or "mask": a dedicated extra state m = K.
         self.mask_state = transition == "absorbing" and absorbing_state == "mask"
         self.num_states = S = K + 1 if self.mask_state else K
         if transition == "absorbing":
@@ -257,473 +278,207 @@ class D3PM(nn.Module):
             self.absorbing_state = m
         elif absorbing_state is not None:
             raise ValueError("absorbing_state only applies to transition='absorbing'")
-
         schedule = DEFAULT_SCHEDULE[transition] if schedule is None else schedule
         betas = (get_betas(schedule, T) if isinstance(schedule, str)
                  else torch.as_tensor(schedule, dtype=torch.float64).flatten())
         if betas.numel() != T or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError(f"schedule must hold {T} betas in (0, 1], got {betas.tolist()[:8]}...")
         self.schedule_name = schedule if isinstance(schedule, str) else "custom"
-
-        # Buffers are derived from the config, so they are not saved in state_dict.
-        buf = lambda name, value: self.register_buffer(name, value, persistent=False)
-        buf("betas64", betas)                # float64 [T]; matrices are built from these
-        buf("betas", betas.float())          # float32 [T]; betas[t-1] = β_t
+        # Buffers follow from the arguments, so they are not saved in state_dict.
+        buf = lambda name, value: self.register_buffer(name, value, persistent=False)  # noqa: E731
+        buf("betas", betas)                                            # float64 [T]: β_t at t-1
         if transition == "gaussian":
-            Q_band, Q_diag = torch.empty(T, S), torch.empty(T, S)
-            Q_bar = torch.empty(T + 1, S, S)
-            Q_bar[0] = acc = torch.eye(S, dtype=torch.float64)
-            for t in range(1, T + 1):       # float64 products, stored as float32
-                Q_t = gaussian_Q(betas[t - 1], K)
-                acc = acc @ Q_t
-                Q_band[t - 1], Q_diag[t - 1], Q_bar[t] = Q_t[0], Q_t.diagonal(), acc.float()
-            # Q_t[i, j] depends only on |i - j| off the diagonal: two [T, K] tables (see `_Q_t`)
-            buf("Q_band", Q_band)            # [T, K]; Q_band[t-1, n] = Q_t[i, j] for |i-j| = n > 0
-            buf("Q_diag", Q_diag)            # [T, K]; Q_diag[t-1, i] = Q_t[i, i]
-            buf("Q_bar", Q_bar)              # [T+1, K, K]; Q_bar[t] = Q̄_t
-            stationary = torch.full((S,), 1.0 / S, dtype=torch.float64)  # Q_t is doubly stochastic
+            buf("stationary", torch.full((S,), 1.0 / S, dtype=torch.float64))  # Q_t doubly stochastic
+            buf("Q_bar", torch.empty(T + 1, S, S))                     # float32 [T+1, S, S]: Q̄_t at t
+            self.Q_bar[0] = acc = torch.eye(S, dtype=torch.float64)
+            for t in range(1, T + 1):                                  # float64 products
+                self.Q_bar[t] = (acc := acc @ gaussian_Q(betas[t - 1], K)).float()
         else:
-            alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
-            buf("alpha_bar64", alpha_bar)    # float64 [T+1]; alpha_bar[t] = ᾱ_t, ᾱ_0 = 1
-            buf("alpha_bar", alpha_bar.float())
-            buf("one_minus_alpha_bar", (1 - alpha_bar).float())  # exact near ᾱ ≈ 1
-            stationary = (torch.full((S,), 1.0 / S, dtype=torch.float64) if transition == "uniform"
-                          else F.one_hot(torch.tensor(self.absorbing_state), S).double())
-        buf("stationary64", stationary)      # the stationary distribution s, float64 [S]
-        buf("stationary", stationary.float())
+            buf("alpha_bar", torch.cat([torch.ones(1, dtype=torch.float64), (1 - betas).cumprod(0)]))
+            buf("stationary", torch.full((S,), 1.0 / S, dtype=torch.float64) if transition == "uniform"
+                else F.one_hot(torch.tensor(self.absorbing_state), S).double())
 
-    # -------------------------------------------------------------------------------- helpers
-    def _log(self, p):
-        """log(p + eps) as the official code does; with eps = 0, log(p) with log(0) = LOG_ZERO."""
-        if self.eps > 0:
-            return torch.log(p + self.eps)
-        pos = p > 0
-        return torch.where(pos, torch.log(torch.where(pos, p, torch.ones_like(p))), LOG_ZERO)
-
-    def _one_hot(self, x):
-        """x: long (...) -> bool (..., S)."""
-        return x.unsqueeze(-1) == torch.arange(self.num_states, device=x.device)
-
-    @staticmethod
-    def _per_example(v, x):
-        """v: [B] -> [B, 1, ..., 1, 1] broadcasting against x.shape + (S,)."""
-        return v.view(-1, *([1] * x.dim()))
-
-    def _check(self, x, t=None, name="x_0", high=None):
-        """ValueErrors for data outside 0..high-1, t outside 1..T and mismatched shapes."""
-        high = self.num_classes if high is None else high
-        if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or x.dim() < 1:
-            raise ValueError(f"{name} must be an integer tensor [B, ...], got {x.dtype} {tuple(x.shape)}")
-        if self.validate and x.numel() and (int(x.min()) < 0 or int(x.max()) >= high):
-            raise ValueError(f"{name} must lie in 0..{high - 1}, got values in "
-                             f"{int(x.min())}..{int(x.max())}")
-        if t is not None:
-            if t.shape != (x.shape[0],):
-                raise ValueError(f"t must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
-            if self.validate and (int(t.min()) < 1 or int(t.max()) > self.num_timesteps):
-                raise ValueError(f"t must lie in 1..{self.num_timesteps}, got values in "
-                                 f"{int(t.min())}..{int(t.max())}")
-
-    # ------------------------------------------------------------------- explicit matrices
-    def Q_matrix(self, t):
-        """Q_t as an explicit float64 [S, S] matrix (for tests and figures)."""
+    # ------------------------------------------------------------ the matrices, explicitly
+    def Q_matrix(self, t, s=None):
+        """Q_{s→t} = Q_{s+1} ⋯ Q_t as an explicit float64 (S, S) matrix; the default s = t-1
+        gives Q_t itself   [eq. 2; App. A: Q_{s→t} = (ᾱ_t/ᾱ_s) I + (1 - ᾱ_t/ᾱ_s) 1 πᵀ]."""
+        s, eye = t - 1 if s is None else s, torch.eye(self.num_states, dtype=torch.float64,
+                                                      device=self.betas.device)
         if self.transition == "gaussian":
-            return gaussian_Q(self.betas64[t - 1], self.num_classes, self.betas64.device)
-        beta, s = self.betas64[t - 1], self.stationary64
-        return (1 - beta) * torch.eye(self.num_states, dtype=torch.float64, device=s.device) + beta * s
-    
-    def _Q_t(self, t):
-        """The Gaussian's Q_t for each t in a long [B], float32 (B, K, K), from its two tables:
-        the same float32 numbers as Q_matrix(t).float()."""
-        K = self.num_classes
-        idx = torch.arange(K, device=t.device)
-        Q = self.Q_band[t - 1].index_select(1, (idx[:, None] - idx).abs().view(-1)).view(-1, K, K)
-        Q.diagonal(dim1=-2, dim2=-1).copy_(self.Q_diag[t - 1])
-        return Q
-
-    def _rows(self, mats, x):
-        """mats[b, x[b, ...]]: one row per pixel, mats (B, R, K), x long (B, ...) -> (B, ..., K)."""
-        B, R, K = mats.shape
-        flat = (torch.arange(B, device=x.device).view(B, 1) * R + x.reshape(B, -1)).view(-1)
-        return mats.reshape(-1, K).index_select(0, flat).view(x.shape + (K,))
+            for r in range(s + 1, t + 1):
+                eye = eye @ gaussian_Q(self.betas[r - 1], self.num_classes, eye.device)
+            return eye
+        keep = self.alpha_bar[t] / self.alpha_bar[s]
+        return keep * eye + (1 - keep) * self.stationary
 
     def Q_bar_matrix(self, t):
-        """Q̄_t = Q_1 ... Q_t as an explicit float64 [S, S] matrix; Q̄_0 = I."""
-        S = self.num_states
-        if self.transition == "gaussian":
-            acc = torch.eye(S, dtype=torch.float64, device=self.betas64.device)
-            for r in range(1, t + 1):
-                acc = acc @ self.Q_matrix(r)
-            return acc
-        a, s = self.alpha_bar64[t], self.stationary64
-        return a * torch.eye(S, dtype=torch.float64, device=s.device) + (1 - a) * s
+        """Q̄_t = Q_1 ⋯ Q_t = Q_{0→t} as an explicit float64 (S, S) matrix; Q̄_0 = I."""
+        return self.Q_matrix(t, 0)
 
-    # ---------------------------------------------------------------- forward process q
-    def _probs_from(self, x, t):
-        """Row x of Q̄_t: q(x_t | x_0 = x), or x Q̄_t for x a distribution [..., S].   [eq. 3]
-
-        x: long (B, ...) or float (B, ..., S); t: long [B] in 0..T -> float32 (B, ..., S).
-        """
-        if self.transition == "gaussian":
-            if x.dtype.is_floating_point:  # (B, N, S) @ (B, S, S), one matrix per example,
-                # in float32 even inside the training loop's bf16 autocast and TF32
-                with _exact_float32(x.device):
-                    return torch.bmm(x.float().reshape(x.shape[0], -1, x.shape[-1]),
-                                     self.Q_bar[t]).view(x.shape)
-            return self.Q_bar[t.view(-1, *([1] * (x.dim() - 1))), x]
-        if x.dtype.is_floating_point:
-            a = self._per_example(self.alpha_bar[t], x[..., 0])
-            b = self._per_example(self.one_minus_alpha_bar[t], x[..., 0])
-            return a * x + b * self.stationary
-        a = self._per_example(self.alpha_bar[t], x)
-        off = self._per_example(self.one_minus_alpha_bar[t], x) * self.stationary  # (B,1..,S)
-        return torch.where(self._one_hot(x), a + off, off)
-
-    def _probs_to(self, x_t, t, s):
-        """Column x_t of Q_{s→t} = Q_{s+1} ... Q_t: q(x_t | x_s = i) for every i.
-
-        For s = t-1 this is column x_t of Q_t, the first factor of the posterior. Returns
-        float32 (B, ..., S). The strided sampler uses s < t-1.
-        """
-        if self.transition == "gaussian":
-            # Only s = t-1 comes here (the sampler's jumps use `_gaussian_skip`).
-            # Q_t is symmetric, so its column x_t is its row x_t.
-            return self._rows(self._Q_t(t), x_t)
-        # 1 - ᾱ_t/ᾱ_s in float64 (in float32 it loses digits when the ratio is near one);
-        # for s = t-1 it is β_t itself.
-        ratio = self.alpha_bar64[t] / self.alpha_bar64[s].clamp_min(torch.finfo(torch.float64).tiny)
-        one_minus = torch.where(s == t - 1, self.betas[(t - 1).clamp_min(0)], (1 - ratio).float())
-        off = self._per_example(one_minus, x_t) * self.stationary[x_t].unsqueeze(-1)
-        diag = self._per_example(1 - one_minus, x_t) + off
-        return torch.where(self._one_hot(x_t), diag, off)
-
+    # ------------------------------------------------------------ forward process q
     def q_probs(self, x_0, t):
-        """q(x_t | x_0) = Cat(x_t; x_0 Q̄_t)   [D3PM eq. 3]. Returns x_0.shape + (S,)."""
-        self._check(x_0, t)
-        return self._probs_from(x_0, t)
+        """q(x_t | x_0) = Cat(x_t; x_0 Q̄_t)   [D3PM eq. 3].
 
-    def _gumbel(self, shape, noise=None, generator=None, device=None):
-        """Gumbel noise in float64 from uniforms clipped at tiny (given `noise` or fresh)."""
-        if noise is None:
-            noise = torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
-        u = noise.clamp(min=torch.finfo(noise.dtype).tiny, max=1.0).double()
-        return -torch.log(-torch.log(u))
+        x_0 long (B, ...) or a distribution over it (B, ..., S); t long [B] in 0..T.
+        Returns float32 (B, ..., S), computed in float32 whatever autocast is active.
+        """
+        if not x_0.is_floating_point():
+            self._check(x_0, t, low_t=0)
+            x_0 = F.one_hot(x_0, self.num_states).float()
+        elif x_0.dim() < 2 or x_0.shape[-1] != self.num_states:
+            raise ValueError(f"x_0 must be an integer tensor [B, ...] or a distribution [B, ..., "
+                             f"{self.num_states}], got {x_0.dtype} {tuple(x_0.shape)}")
+        with torch.autocast(x_0.device.type, enabled=False):
+            if self.transition == "gaussian":                   # one Q̄_t per example
+                B, S = x_0.shape[0], self.num_states
+                return torch.bmm(x_0.float().reshape(B, -1, S), self.Q_bar[t]).view(x_0.shape)
+            keep = self._per_example(self.alpha_bar[t], x_0[..., 0])  # x_0 Q̄_t = ᾱ_t x_0 + (1-ᾱ_t) π
+            return (keep * x_0 + (1 - keep) * self.stationary).float()
 
     def q_sample(self, x_0, t, noise=None, generator=None):
-        """x_t ~ q(x_t | x_0) = Cat(x_0 Q̄_t)   [eq. 3]. Long x_0.shape.
+        """x_t ~ q(x_t | x_0) = Cat(x_0 Q̄_t)   [eq. 3], by Gumbel-max in float64. `noise`
+        (uniforms of shape x_0.shape + (S,)) replays the official draw, whose log(q + eps) puts
+        about eps of mass on impossible values; without it the draw is exact. Long x_0.shape."""
+        eps = self.eps if noise is not None else 0.0
+        return gumbel_argmax(log_or_zero(self.q_probs(x_0, t), eps), noise, generator)
 
-        Without `noise` this draws q exactly with one uniform per pixel: uniform/absorbing keep
-        x_0 with probability ᾱ_t and otherwise draw from s (Q̄_t = ᾱ_t I + (1-ᾱ_t) 1 sᵀ);
-        gaussian inverts the CDF of the row Q̄_t[x_0]. `noise` (uniforms of shape
-        x_0.shape + (S,)) replays the official code instead: Gumbel-max argmax(log(q + eps) + g),
-        which puts the eps floor's ~eps mass on impossible values; the exact draw does not.
+    # ------------------------------------------------------------ posterior and p_θ
+    def q_posterior_logits(self, x_0, x_t, t, s=None, eps=None):
+        """Logits of q(x_s | x_t, x_0) ∝ q(x_t | x_s) q(x_s | x_0), 0 <= s < t (default t-1)
+        [D3PM eq. 3]: fact1 = column x_t of Q_{s→t}, fact2 = x_0 Q̄_s, as the official code.
+
+        x_0: long data (B, ...), or logits over x̃_0 (B, ..., K or S), which makes fact2 =
+        Σ_x̃0 p̃_θ(x̃_0) Q̄_s[x̃_0] and the result p_θ(x_s | x_t)   [eq. 4]. At s = 0 it is the
+        distribution of x_0 itself, as in the official code. eps defaults to self.eps.
+        Returns (B, ..., S) float32.
         """
-        if noise is not None:
-            logits = self._log(self.q_probs(x_0, t))
-            return (logits + self._gumbel(logits.shape, noise, generator, logits.device)).argmax(-1)
-        self._check(x_0, t)
-        if self.transition == "gaussian":
-            ts, which = t, torch.arange(t.numel(), device=t.device)
-            if t.device.type == "cpu":  # one CDF per distinct t (a host sync on a GPU)
-                ts, which = t.unique(return_inverse=True)
-            return self._inverse_cdf(self.Q_bar[ts].double().cumsum(-1), which, x_0, generator)
-        u = torch.rand(x_0.shape, dtype=torch.float64, generator=generator, device=x_0.device)
-        replace = u < 1 - self._per_example(self.alpha_bar64[t], x_0[..., 0])
-        if self.transition == "absorbing":
-            return torch.where(replace, self.absorbing_state, x_0)
-        draw = torch.randint(0, self.num_classes, x_0.shape, generator=generator, device=x_0.device)
-        return torch.where(replace, draw, x_0)
-
-    def _inverse_cdf(self, cdf, which, row, generator=None):
-        """x ~ Cat(cdf[which_b, row] as a CDF) per pixel, by inversion: one float64 uniform per
-        pixel and a binary search over K (log2 K gathers of one value per pixel, no (B, ..., K)
-        buffer). cdf (U, R, K) float64, nondecreasing along K; which long [B]; row long (B, ...)."""
-        K = cdf.shape[-1]
-        base = (which * cdf.shape[1]).view(-1, *([1] * (row.dim() - 1)))
-        base = (base + row) * K                                    # flat offset of each row
-        flat = cdf.reshape(-1)
-        u = torch.rand(row.shape, dtype=torch.float64, generator=generator, device=row.device)
-        u = u * flat[base + K - 1]                                 # the row's total (≈ 1)
-        below = torch.zeros_like(row)                              # #{j : cdf_j <= u} so far
-        step = 1 << (K.bit_length() - 1)
-        while step:
-            probe = below + step                                   # is cdf[probe - 1] <= u?
-            ok = (probe <= K) & (flat[base + probe.clamp_max(K) - 1] <= u)
-            below = torch.where(ok, probe, below)
-            step >>= 1
-        return below.clamp_max(K - 1)                              # u = total by rounding
-
-    # --------------------------------------------------------- posterior and p_θ
-    def _posterior_logits(self, x_0, x_t, t, s):
-        """log q(x_s | x_t, x_0) up to a constant, for 0 <= s < t.   [eq. 3]
-
-        q(x_s | x_t, x_0) ∝ q(x_t | x_s) q(x_s | x_0) = Q_{s→t}[x_s, x_t] Q̄_s[x_0, x_s].
-        With x_0 given as logits over x̃_0 the second factor is Σ_x̃0 p(x̃_0) Q̄_s[x̃_0, x_s],
-        which makes this the joint-sum form of p_θ   [eq. 4].
-        """
-        fact1 = self._probs_to(x_t, t, s)
-        if x_0.dtype.is_floating_point:
-            fact2 = self._probs_from(torch.softmax(x_0, dim=-1), s)
-            at_zero = x_0                                   # s = 0: the x_0 logits themselves
+        s = t - 1 if s is None else s
+        eps = self.eps if eps is None else eps
+        if x_0.is_floating_point():
+            if self.mask_state and x_0.shape[-1] == self.num_classes:   # x̃_0 is never [MASK]
+                x_0 = F.pad(x_0, (0, 1), value=LOG_ZERO)
+            x0_dist, at_zero = torch.softmax(x_0.float(), -1), x_0.float()
         else:
-            fact2 = self._probs_from(x_0, s)
-            at_zero = self._log(self._one_hot(x_0).float())  # s = 0: the delta at x_0
-        logits = self._log(fact1) + self._log(fact2)
+            x0_dist = x_0
+            at_zero = log_or_zero(F.one_hot(x_0, self.num_states).float(), eps)
+        fact1 = self._Q_column(x_t, t, s)
+        logits = log_or_zero(fact1, eps) + log_or_zero(self.q_probs(x0_dist, s), eps)
         return torch.where(self._per_example(s == 0, x_t), at_zero, logits)
 
-    def q_posterior_logits(self, x_0, x_t, t):
-        """Logits of q(x_{t-1} | x_t, x_0)   [D3PM eq. 3].
-
-        x_0: long data (B, ...) or float logits over x_0 (B, ..., S); returns (B, ..., S).
-        At t = 1 it is the distribution of x_0 itself, as in the official code.
-        """
+    def _Q_column(self, x_t, t, s):
+        """q(x_t | x_s = j) for every j: column x_t of Q_{s→t}. (B, ..., S) float32."""
         self._check(x_t, t, "x_t", self.num_states)
-        if x_0.dtype.is_floating_point:
-            if x_0.shape != x_t.shape + (self.num_states,):
-                raise ValueError(f"x_0 logits must have shape {tuple(x_t.shape) + (self.num_states,)}, "
-                                 f"got {tuple(x_0.shape)}")
-        else:
-            self._check(x_0, None)
-            if x_0.shape != x_t.shape:
-                raise ValueError(f"x_0 and x_t shapes differ: {tuple(x_0.shape)} vs {tuple(x_t.shape)}")
-        return self._posterior_logits(x_0, x_t, t, t - 1)
-
-    def logistic_logits(self, loc, log_scale):
-        """Logits of the truncated discretized logistic over K values (the paper's best CIFAR-10
-        parameterisation; `_get_logits_from_logistic_pars` in the official code).
-
-        loc, log_scale: x.shape, loc in [-1, 1]. The K values sit at linspace(-1, 1, K); bin k
-        gets σ((c_k - loc + w/2)/s) - σ((c_k - loc - w/2)/s) with w = 2/(K-1) and
-        1/s = exp(2 - log_scale) as in the official code. The edge bins are not extended to
-        ±∞: the softmax over the K logits renormalises (the official code's "truncated" form).
-        """
-        K = self.num_classes
-        # The clamp keeps 1/s finite (exp(2 + 1e4) = inf turns the bins into inf * 0 = NaN);
-        # e^{±20} is far beyond any useful scale (a bin is 2/(K-1) wide). Not in the official code.
-        log_scale = log_scale.float().clamp(-20.0, 20.0).unsqueeze(-1)
-        loc = loc.float().unsqueeze(-1)
-        inv_scale = torch.exp(2.0 - log_scale)
-        centers = torch.linspace(-1.0, 1.0, K, device=loc.device) - loc
-        half_width = 1.0 / (K - 1)
-        upper = F.logsigmoid(inv_scale * (centers + half_width))   # log CDF at the upper edge
-        lower = F.logsigmoid(inv_scale * (centers - half_width))   # log CDF at the lower edge
-        if self.eps > 0:  # official: log(σ_u - σ_l) = upper + log1p(-exp(lower - upper) + eps)
-            return upper + torch.log1p(-torch.exp(lower - upper) + self.eps)
-        return upper + self._log(-torch.expm1(lower - upper))
+        if self.transition == "gaussian":  # explicit matrices, one per distinct (t, s)
+            pairs = list(zip(t.tolist(), s.tolist()))
+            Q_T = {p: self.Q_matrix(*p).T.float() for p in set(pairs)}   # row x_t = column x_t
+            rows = torch.stack([Q_T[p] for p in pairs])                   # (B, S, S)
+            return rows[torch.arange(len(pairs), device=x_t.device).view(-1, *([1] * (x_t.dim() - 1))), x_t]
+        keep = self._per_example(self.alpha_bar[t] / self.alpha_bar[s], x_t)
+        off = ((1 - keep) * self.stationary[x_t].unsqueeze(-1)).float()  # (1 - ᾱ_t/ᾱ_s) π_{x_t}
+        return torch.where(self._one_hot(x_t), keep.float() + off, off)
 
     def model_logits(self, x_t, t, cond=None):
-        """The network's prediction p̃_θ(x̃_0 | x_t) as float32 logits (B, ..., S)."""
-        logits = self._x0_logits(x_t, t, cond)
-        if self.mask_state:  # x_0 is never [MASK]
-            logits = F.pad(logits, (0, 1), value=LOG_ZERO)
-        return logits
-
-    def _x0_logits(self, x_t, t, cond=None):
-        """`model_logits` over the K data values only, without the [MASK] column. (B, ..., K)"""
+        """The network's p̃_θ(x̃_0 | x_t) as float32 logits over the K data values (B, ..., K)."""
         out = self.x0_model(x_t, t, cond)
-        if self.model_output == "logistic":
-            loc, log_scale = out
-            logits = self.logistic_logits(loc, log_scale)
-        else:
-            logits = out.float()
+        logits = self.logistic_logits(*out) if self.model_output == "logistic" else out.float()
         if logits.shape != x_t.shape + (self.num_classes,):
             raise ValueError(f"x0_model returned shape {tuple(logits.shape)}, expected "
                              f"{tuple(x_t.shape) + (self.num_classes,)}")
         return logits
 
-    def _p_from_x0_logits(self, x0_logits, x_t, t):
-        """p_θ(x_{t-1} | x_t) ∝ Σ_x̃0 q(x_{t-1}, x_t | x̃_0) p̃_θ(x̃_0 | x_t)   [eq. 4].
-
-        At t = 1, p_θ(x_0 | x_1) is p̃_θ itself, as in the official code (eq. 4 would also
-        weight it by Q_1[x_0, x_1]; see README "Differences").
-        """
-        return self._posterior_logits(x0_logits, x_t, t, t - 1)
+    def logistic_logits(self, loc, log_scale):
+        """Logits of the truncated discretized logistic over K values, the paper's best CIFAR-10
+        output (`_get_logits_from_logistic_pars` in the official code). loc, log_scale: x.shape,
+        loc in [-1, 1]. Bin k, centred at c_k = linspace(-1, 1, K)[k], gets σ((c_k - loc + w/2)/s)
+        - σ((c_k - loc - w/2)/s), w = 2/(K-1), 1/s = exp(2 - log_scale) as in the official code;
+        the edge bins are not extended to ±∞: the softmax renormalises ("truncated")."""
+        K = self.num_classes
+        # The clamp keeps 1/s finite (exp(2 + 1e4) = inf makes inf * 0 = NaN); e^{±20} is far
+        # beyond any useful scale. Not in the official code.
+        log_scale = log_scale.float().clamp(-20.0, 20.0).unsqueeze(-1)
+        centers = torch.linspace(-1.0, 1.0, K, device=loc.device) - loc.float().unsqueeze(-1)
+        inv_scale, half_width = torch.exp(2.0 - log_scale), 1.0 / (K - 1)
+        upper = F.logsigmoid(inv_scale * (centers + half_width))   # log CDF at the upper edge
+        lower = F.logsigmoid(inv_scale * (centers - half_width))   # log CDF at the lower edge
+        if self.eps > 0:  # official: log(σ_u - σ_l) = upper + log1p(-exp(lower - upper) + eps)
+            return upper + torch.log1p(-torch.exp(lower - upper) + self.eps)
+        return upper + log_or_zero(-torch.expm1(lower - upper))
 
     def p_logits(self, x_t, t, cond=None):
-        """Logits of p_θ(x_{t-1} | x_t), shape x_t.shape + (S,)   [D3PM eq. 4]."""
+        """Logits of p_θ(x_{t-1} | x_t) ∝ Σ_x̃0 q(x_{t-1}, x_t | x̃_0) p̃_θ(x̃_0 | x_t), shape
+        x_t.shape + (S,)   [D3PM eq. 4]. At t = 1, p_θ(x_0 | x_1) = p̃_θ(x_0 | x_1) as in the
+        official code (eq. 4 would also weight it by Q_1[x_0, x_1]; see README "Differences")."""
         self._check(x_t, t, "x_t", self.num_states)
-        return self._p_from_x0_logits(self.model_logits(x_t, t, cond), x_t, t)
+        return self.q_posterior_logits(self.model_logits(x_t, t, cond), x_t, t)
 
-    # ------------------------------------------------------------------------ losses
-    @staticmethod
-    def _meanflat_bits(x):
-        """Mean over all but the batch axis, in bits: (B, ...) -> [B]."""
-        return x.reshape(x.shape[0], -1).mean(1) / math.log(2)
-
-    def _vb_general(self, x_0, x_t, t, x0_logits):
-        """Per pixel (nats): KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) and ce = -log p̃_θ(x_0|x_t),
-        with explicit (B, ..., S) distributions (any transition)   [eq. 1, 3, 4].
-        At t = 1 the KL is not L_0; the caller takes ce there (see `loss_terms`)."""
-        log_p0 = F.log_softmax(x0_logits, -1)                   # log p̃_θ(x̃_0 | x_t), (B, ..., S)
-        ce = -log_p0.gather(-1, x_0.unsqueeze(-1)).squeeze(-1)
-        log_fact1 = self._log(self._probs_to(x_t, t, t - 1))   # shared by q and p_θ
-        log_q = F.log_softmax(log_fact1 + self._log(self._probs_from(x_0, t - 1)), -1)
-        log_p = F.log_softmax(log_fact1 + self._log(self._probs_from(log_p0.exp(), t - 1)), -1)
-        return (log_q.exp() * (log_q - log_p)).sum(-1), ce
-
-    def _vb_closed_form(self, x_0, x_t, t, x0_logits):
-        """`_vb_general` for Q_t = (1-β_t) I + β_t 1 sᵀ (uniform, absorbing) in two passes over
-        the K logits; x0_logits (B, ..., K) without a [MASK] column   [eq. 1, 3, 4].
-
-        Write fact1_j = q(x_t | x_{t-1} = j) (one value at j = x_t, one elsewhere) and
-        fact2 = ᾱ_{t-1} e_{x_0} + (1-ᾱ_{t-1}) s for q, ᾱ_{t-1} p̃_θ + (1-ᾱ_{t-1}) s for p_θ, so
-        q_j ∝ fact1_j fact2q_j and p_j ∝ fact1_j fact2p_j. fact1 cancels in log q - log p:
-            KL = Σ_j q_j (log fact2q_j - log fact2p_j) + log Z_p - log Z_q,
-        q is constant over the classes outside {x_0, x_t, m} ("other", m the absorbing state),
-        so Σ_j q_j log fact2p_j = q_other Σ_j log fact2p_j + Σ_{c ∈ slots} (q_c - q_other)
-        log fact2p_c; and fact2p sums to one, so Z_p = fact1_other + (1-β_t) fact2p_{x_t}.
-        Only log Σ_j exp(logits_j) and Σ_j log fact2p_j read all K logits (`_SoftmaxMixSums`).
-        Every log is `_log` (floored at eps), as in the explicit form.
-        """
-        K, S, eps = self.num_classes, self.num_states, self.eps
-        absorbing = self.transition == "absorbing"
-        px = lambda v: v[t - 1].view(-1, *([1] * (x_t.dim() - 1)))  # noqa: E731  [B] -> (B, 1, ...)
-        beta, ab, omb = px(self.betas), px(self.alpha_bar), px(self.one_minus_alpha_bar)
-        s_0, s_t = self.stationary[x_0], self.stationary[x_t]
-        off = beta * s_t                                  # fact1_j, j ≠ x_t
-        diag = 1 - beta + off                             # fact1_{x_t}
-        # slots (B, ..., n): x_0; x_t if ≠ x_0; absorbing: m if ∉ {x_0, x_t}
-        idx, valid = [x_0, x_t], [torch.ones_like(x_0, dtype=torch.bool), x_t != x_0]
-        fact1, fact2q, s_slot = [torch.where(x_t == x_0, diag, off), diag], [ab + omb * s_0, omb * s_t], [s_0, s_t]
-        if absorbing:
-            m = self.absorbing_state
-            idx.append(torch.full_like(x_0, m))
-            valid.append((x_0 != m) & (x_t != m))
-            fact1.append(off)
-            fact2q.append(omb.expand_as(off))
-            s_slot.append(torch.ones_like(off))
-        idx, valid, s_slot = torch.stack(idx, -1), torch.stack(valid, -1), torch.stack(s_slot, -1)
-        s_other = 0.0 if absorbing else 1.0 / K
-        n_other = S - valid.sum(-1)
-        log_fact2q, log_fact2q_other = self._log(torch.stack(fact2q, -1)), self._log(omb * s_other)
-
-        # q(x_{t-1} | x_t, x_0) at the slots and at each "other" class
-        v = self._log(torch.stack(fact1, -1)) + log_fact2q
-        v_other = self._log(off) + log_fact2q_other
-        log_zq = torch.logsumexp(torch.cat([v.masked_fill(~valid, -math.inf),
-                                            (v_other + n_other.float().log()).unsqueeze(-1)], -1), -1)
-        q = torch.where(valid, (v - log_zq.unsqueeze(-1)).exp(), 0.0)
-        q_other = torch.where(n_other > 0, (v_other - log_zq).exp(), 0.0)
-
-        # p_θ: fact2p at the slots, Σ_j log fact2p_j and Z_p
-        with_sum = not (absorbing and eps == 0)  # else q_other = 0: the sum is not needed
-        lse, sum_log, logits_slot = _SoftmaxMixSums.apply(
-            x0_logits, idx.clamp_max(K - 1), ab.unsqueeze(-1), (omb * s_other + eps).unsqueeze(-1),
-            with_sum)
-        p0_slot = torch.where(idx < K, (logits_slot - lse.unsqueeze(-1)).exp(), 0.0)  # p̃_θ
-        log_fact2p = self._log(ab.unsqueeze(-1) * p0_slot + omb.unsqueeze(-1) * s_slot)
-        if absorbing and with_sum:  # the sum took fact2p_m = ᾱ p̃_m (+ eps) for m < K; fix it
-            sum_log = sum_log + log_fact2p[..., 2]
-            if m < K:
-                sum_log = sum_log - torch.log(ab * p0_slot[..., 2] + eps)
-        log_zp = ((off + eps) * (1 + S * eps) + (1 - beta) * log_fact2p[..., 1].exp()).clamp_min(
-            torch.finfo(torch.float32).tiny).log()
-        q_log_fact2q = (q * log_fact2q).sum(-1) + n_other * q_other * log_fact2q_other
-        q_log_fact2p = q_other * sum_log + (torch.where(valid, q - q_other.unsqueeze(-1), 0.0)
-                                            * log_fact2p).sum(-1)
-        kl = q_log_fact2q - q_log_fact2p + log_zp - log_zq
-        return kl, lse - logits_slot[..., 0]
-
-    def _vb_gaussian(self, x_0, x_t, t, x0_logits):
-        """`_vb_general` for the discretized Gaussian with eps > 0, in one custom autograd
-        Function (`_GaussianKL`) that reads and writes each (B, ..., K) buffer a few times only.
-
-        With fact1 = Q_t[:, x_t] (= row x_t: Q_t is symmetric), g = Q̄_{t-1}[x_0] and
-        m = p̃_θ Q̄_{t-1} [eq. 4], both posteriors share log(fact1 + eps), which cancels:
-            KL = Σ_j q_j log((g_j + eps) / (m_j + eps)) + log Z_p - log Z_q,
-        Z_q = Σ_j (fact1_j + eps)(g_j + eps), Z_p = Σ_j (fact1_j + eps)(m_j + eps). The eps is
-        added to the B per-example matrices, not to the (B, ..., K) rows: m + eps = p̃_θ (Q̄ + eps)
-        as p̃_θ sums to one. Same logs and floors as `_vb_general` (tests/test_fast_paths.py).
-        """
-        B, K = x_0.shape[0], self.num_classes
-        Q_bar = self.Q_bar[t - 1].add_(self.eps)                # (B, K, K): Q̄_{t-1} + eps
-        fact1 = self._rows(self._Q_t(t).add_(self.eps), x_t).view(B, -1, K)
-        g = self._rows(Q_bar, x_0).view(B, -1, K)
-        kl, ce = _GaussianKL.apply(x0_logits.reshape(B, -1, K), Q_bar, fact1, g, x_0.reshape(B, -1, 1))
-        return kl.view(x_0.shape), ce.view(x_0.shape)
-
-    def vb_terms_bpd(self, x_0, x_t, t, cond=None):
-        """Per-example variational-bound term at t in bits/dim: KL for t > 1, L_0 at t = 1."""
-        return self.loss_terms(x_0, x_t, t, cond)["vb"]
+    # ------------------------------------------------------------ the bound and the loss
+    def kl_and_ce(self, x_0, x_t, t, x0_logits):
+        """Per pixel, in nats: KL(q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t)), the term L_{t-1}
+        of the bound [eq. 1], and ce = -log p̃_θ(x_0 | x_t), the auxiliary loss [eq. 5].
+        x0_logits (B, ..., K) from `model_logits`. At t = 1 the KL is not used (see `loss_terms`)."""
+        log_q = F.log_softmax(self.q_posterior_logits(x_0, x_t, t), -1)
+        log_p = F.log_softmax(self.q_posterior_logits(x0_logits, x_t, t), -1)
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+        ce = -F.log_softmax(x0_logits, -1).gather(-1, x_0.unsqueeze(-1)).squeeze(-1)
+        return kl, ce
 
     def loss_terms(self, x_0, x_t, t, cond=None):
-        """Per-example [B] terms at a given (t, x_t): "vb", "ce" and the training "loss".
-
-        ce = -log p̃_θ(x_0 | x_t) in bits/dim at every t; loss = vb + hybrid_coeff * ce for
-        "hybrid" (L_λ, paper eq. 5 with λ = hybrid_coeff), vb or ce alone otherwise.
-        """
+        """Per-example [B] terms at (t, x_t), bits/dim: "vb" (L_{t-1}; at t = 1, L_0 =
+        -log p_θ(x_0 | x_1) = ce), "ce" (-log p̃_θ(x_0 | x_t)) and the training "loss":
+        L_λ = vb + λ ce for "hybrid" [eq. 5, λ = hybrid_coeff], vb or ce alone otherwise."""
         self._check(x_0, t)
         self._check(x_t, t, "x_t", self.num_states)
         if x_0.shape != x_t.shape:
             raise ValueError(f"x_0 and x_t shapes differ: {tuple(x_0.shape)} vs {tuple(x_t.shape)}")
-        if self.transition == "gaussian":
-            vb = self._vb_gaussian if self.eps > 0 else self._vb_general
-            kl, ce = vb(x_0, x_t, t, self.model_logits(x_t, t, cond))
-        else:
-            kl, ce = self._vb_closed_form(x_0, x_t, t, self._x0_logits(x_t, t, cond))
-        # L_{t-1} = KL for t > 1; L_0 = -log p_θ(x_0 | x_1) = -log p̃_θ(x_0 | x_1) = ce at t = 1
-        ce = self._meanflat_bits(ce)
-        vb = torch.where(t == 1, ce, self._meanflat_bits(kl))
-        if self.loss_type == "hybrid":
-            loss = vb + self.hybrid_coeff * ce
-        else:
-            loss = vb if self.loss_type == "vb" else ce
+        kl, ce = self.kl_and_ce(x_0, x_t, t, self.model_logits(x_t, t, cond))
+        ce = _meanflat_bits(ce)
+        vb = torch.where(t == 1, ce, _meanflat_bits(kl))
+        loss = {"hybrid": vb + self.hybrid_coeff * ce, "vb": vb, "ce": ce}[self.loss_type]
         return {"loss": loss, "vb": vb, "ce": ce}
 
+    def vb_terms_bpd(self, x_0, x_t, t, cond=None):
+        """The bound's term at t in bits/dim [B]: L_{t-1} for t > 1, L_0 at t = 1   [eq. 1]."""
+        return self.loss_terms(x_0, x_t, t, cond)["vb"]
+
     def prior_bpd(self, x_0):
-        """L_T = KL(q(x_T | x_0) ‖ p(x_T)) in bits/dim, p(x_T) the stationary distribution. [B]"""
-        self._check(x_0)
-        T = torch.full((x_0.shape[0],), self.num_timesteps, device=x_0.device)
-        q = self._probs_from(x_0, T)
-        kl = (q * (self._log(q) - self._log(self.stationary))).sum(-1)
-        return self._meanflat_bits(kl)
+        """L_T = KL(q(x_T | x_0) ‖ p(x_T)) in bits/dim [B], p(x_T) = π   [eq. 1]."""
+        q = self.q_probs(x_0, torch.full((x_0.shape[0],), self.num_timesteps, device=x_0.device))
+        pi = self.stationary.float()
+        return _meanflat_bits((q * (log_or_zero(q, self.eps) - log_or_zero(pi, self.eps))).sum(-1))
 
     def forward(self, x_0, cond=None):
-        """Training loss as the official code: one t ~ U{1..T} per example, x_t ~ q(x_t|x_0),
-        loss = mean over the batch of `loss_terms` (no prior, no factor T). -> (loss, info)"""
+        """The training loss as the official code: one t ~ U{1..T} per example, x_t ~ q(x_t|x_0),
+        the batch mean of `loss_terms` (no prior, no factor T). Returns (loss, info)."""
         t = torch.randint(1, self.num_timesteps + 1, (x_0.shape[0],), device=x_0.device)
         terms = self.loss_terms(x_0, self.q_sample(x_0, t), t, cond)
-        info = {"vb": terms["vb"].detach().mean(), "ce": terms["ce"].detach().mean()}
-        return terms["loss"].mean(), info
+        return terms["loss"].mean(), {"vb": terms["vb"].detach().mean(), "ce": terms["ce"].detach().mean()}
 
     @torch.no_grad()
     def nll_bpd_terms(self, x_0, cond=None, timesteps=None, batch_size=None, progress=False,
                       generator=None, x_t_per_t=None):
-        """L_{t-1} in bits/dim for each t in `timesteps` (default 1..T), a fresh x_t per t.
-        Returns [B, len(timesteps)]. Several timesteps share one network call: up to
-        `batch_size` (default max(B, 256)) images per call. `x_t_per_t` [T, B, ...] replays
-        given x_t (row t-1 holds x_t) instead of sampling."""
-        self._check(x_0)
+        """L_{t-1} in bits/dim for each t in `timesteps` (default 1..T), a fresh x_t per t:
+        [B, len(timesteps)]. Up to `batch_size` (default max(B, 256)) images share one network
+        call. `x_t_per_t` [T, B, ...] replays given x_t (row t-1 holds x_t)."""
         B = x_0.shape[0]
-        device = x_0.device
-        ts = (torch.arange(1, self.num_timesteps + 1) if timesteps is None
-              else torch.as_tensor(timesteps)).tolist()
-        per_call = max(1, (batch_size or max(B, 256)) // B)
-        out = []
-        chunks = range(0, len(ts), per_call)
-        bar = _progress(chunks, progress, desc="NLL (timesteps)", total=len(ts), unit="t")
-        for i in chunks:
+        ts = list(range(1, self.num_timesteps + 1)) if timesteps is None else [int(t) for t in timesteps]
+        per_call, out = max(1, (batch_size or max(B, 256)) // B), []
+        bar = _progress(None, progress, desc="bound (timesteps)", total=len(ts), unit="t")
+        for i in range(0, len(ts), per_call):
             chunk = ts[i:i + per_call]
-            t = torch.tensor(chunk, device=device).repeat_interleave(B)
+            t = torch.tensor(chunk, device=x_0.device).repeat_interleave(B)
             x0 = x_0.repeat(len(chunk), *([1] * (x_0.dim() - 1)))
-            c = None if cond is None else cond.repeat(len(chunk))
-            if x_t_per_t is None:
-                x_t = self.q_sample(x0, t, generator=generator)
-            else:
-                x_t = torch.cat([x_t_per_t[s - 1] for s in chunk]).to(device)
-            out.append(self.vb_terms_bpd(x0, x_t, t, c).view(len(chunk), B))
-            if bar is not None:
-                bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
-        return torch.cat(out).T
+            x_t = (self.q_sample(x0, t, generator=generator) if x_t_per_t is None
+                   else torch.cat([x_t_per_t[u - 1] for u in chunk]).to(x_0.device))
+            out.append(self.vb_terms_bpd(x0, x_t, t, None if cond is None else cond.repeat(len(chunk))))
+            bar.update(len(chunk))
+        bar.close()
+        return torch.cat(out).view(-1, B).T
 
     @torch.no_grad()
     def nll_bpd(self, x_0, cond=None, **kwargs):
         """The full variational bound -log p(x_0) <= Σ_{t=1}^{T} L_{t-1} + L_T in bits/dim per
         example [B], with one draw of x_t per t per image, as the official code computes it
-        (a random number, not the exact NLL). Keyword arguments go to `nll_bpd_terms`
-        (batch_size, progress, generator)."""
+        (a random number, not the exact NLL). Keyword arguments go to `nll_bpd_terms`."""
         return self.nll_bpd_terms(x_0, cond, **kwargs).sum(1) + self.prior_bpd(x_0)
 
     @torch.no_grad()
@@ -744,158 +499,63 @@ class D3PM(nn.Module):
         m = min(num_t, T) - 1
         if m < 2 and m != T - 1:
             raise ValueError(f"num_t must be >= 3 (or T) for a standard error, got {num_t}")
-        rest = 2 + torch.randperm(T - 1, generator=generator,
-                                  device=generator.device if generator is not None else "cpu")[:m]
-        ts = [1] + rest.tolist()
+        device = generator.device if generator is not None else "cpu"
+        ts = [1] + (2 + torch.randperm(T - 1, generator=generator, device=device)[:m]).tolist()
         a, b = self.nll_bpd_terms(x_0, cond, ts + ts, generator=generator, **kwargs).chunk(2, 1)
         terms, noise_var = (a + b) / 2, (a - b).pow(2) / 4          # [B, 1 + m] each
         est = terms[:, 0] + (T - 1) * terms[:, 1:].mean(1) + self.prior_bpd(x_0)
-        var = noise_var[:, 0]
-        if m > 0:
-            var = var + (T - 1) * noise_var[:, 1:].mean(1)
+        var = noise_var[:, 0] + ((T - 1) * noise_var[:, 1:].mean(1) if m > 0 else 0)
         if m < T - 1:
             var = var + (T - 1) ** 2 * (1 - m / (T - 1)) * terms[:, 1:].var(1) / m
         return est, var.sqrt()
 
-    # ------------------------------------------------------------------------ sampler
-    def _prior_sample(self, shape, generator=None, device=None):
-        """x_T from the stationary distribution: uniform ints, or all m for absorbing."""
-        if self.transition == "absorbing":
-            return torch.full(shape, self.absorbing_state, dtype=torch.long, device=device)
-        return torch.randint(0, self.num_classes, shape, generator=generator, device=device)
+    # ------------------------------------------------------------ sampler   [§3.3]
+    def reverse_step(self, x_t, t, s, cond=None, guidance=0.0, generator=None, noise=None):
+        """x_s ~ p_θ(x_s | x_t) for ints 0 <= s < t, and the x̃_0 logits it used   [eq. 4].
 
-    def _gaussian_skip(self, t, s):
-        """Q_{s→t}ᵀ for Q_{s→t} = Q_{s+1} ... Q_t: row x_t holds q(x_t | x_s = i) for every i.
-        Each Q_r is symmetric but their product need not be, hence the transpose. float64
-        product, stored as float32 (S, S)."""
-        acc = torch.eye(self.num_states, dtype=torch.float64, device=self.betas.device)
-        with torch.autocast(acc.device.type, enabled=False):
-            for r in range(s + 1, t + 1):
-                acc = acc @ self.Q_matrix(r)
-        return acc.T.contiguous().float()
-
-    def _guided_x0_logits(self, x_t, t, cond, guidance):
-        """x̃_0 logits; with guidance w, those of the conditional and unconditional model are
-        combined later on p_θ (see `_step`). Returns (cond logits, uncond logits or None)."""
-        x0_c = self.model_logits(x_t, t, cond)
-        x0_u = self.model_logits(x_t, t, None) if guidance > 0 else None
-        return x0_c, x0_u
-
-    def _step(self, x_t, t, s, cond=None, guidance=0.0, noise=None, generator=None, skip=None):
-        """One reverse step x_t -> x_s (s < t), returning (x_s, x̃_0 logits).
-
-        p_θ(x_s | x_t) ∝ Σ_x̃0 q(x_s, x_t | x̃_0) p̃_θ(x̃_0 | x_t): eq. 4 with the exact
-        q(x_s | x_t, x̃_0) of a jump over t-s steps (closed form for uniform/absorbing,
-        Q_{s+1}...Q_t for gaussian). At s = 0 the step returns argmax p̃_θ(x̃_0 | x_t), no noise.
-        Classifier-free guidance w mixes log-probabilities and renormalises:
-        log p_w = (1+w) log p_θ(·|x_t, c) - w log p_θ(·|x_t, ∅).
-        Steps without guidance or given noise go to `_step_mixture` (uniform, absorbing) or
-        `_step_gaussian` (eps > 0); the rest draw x_s by Gumbel-max over all S values, noise in
-        float64 as the official code.
+        p_θ(x_s | x_t) ∝ Σ_x̃0 q(x_s, x_t | x̃_0) p̃_θ(x̃_0 | x_t): one step for s = t-1, a
+        strided jump with the exact q(x_s | x_t, x̃_0) for s < t-1; computed without the eps
+        floor (log 0 = LOG_ZERO) and drawn by Gumbel-max in float64. Guidance w > 0 tilts it per
+        pixel, p_w ∝ p_θ(x_s | x_t, c)^{1+w} p_θ(x_s | x_t, ∅)^{-w} (`guide`). At s = 0 it returns
+        the argmax of p_θ(x_0 | x_1) ∝ Q_1[x_0, x_1] p̃_θ(x_0 | x_1) (eq. 4; the official code
+        drops the factor Q_1, which lets the last step overwrite decoded absorbing pixels).
+        `noise` (uniforms, x_t.shape + (S,)) replays the official step instead: Gumbel-max over
+        the eps-floored logits of `p_logits`, argmax p̃_θ at s = 0.
         """
-        if s > 0 and guidance == 0 and noise is None:
-            if self.transition != "gaussian":
-                return self._step_mixture(x_t, t, s, cond, generator)
-            if self.eps > 0:
-                return self._step_gaussian(x_t, t, s, cond, generator, skip)
-        B = x_t.shape[0]
-        tt = torch.full((B,), t, dtype=torch.long, device=x_t.device)
-        ss = torch.full((B,), s, dtype=torch.long, device=x_t.device)
-        x0_c, x0_u = self._guided_x0_logits(x_t, tt, cond, guidance)
+        tt, ss = (torch.full((x_t.shape[0],), v, device=x_t.device) for v in (t, s))
+        official = noise is not None
 
-        def p_of(x0_logits):
-            if s == 0:
-                return x0_logits
-            if skip is not None:  # gaussian: row x_t of Q_{s→t}ᵀ (Q_t itself for one step)
-                fact1 = skip[x_t]
-                fact2 = self._probs_from(torch.softmax(x0_logits, -1), ss)
-                return self._log(fact1) + self._log(fact2)
-            return self._posterior_logits(x0_logits, x_t, tt, ss)
+        def log_p(x0):  # log p_θ(x_s | x_t), unnormalised
+            logits = self.q_posterior_logits(x0, x_t, tt, ss, self.eps if official else 0.0)
+            if s == 0 and not official:     # q_posterior_logits gives p̃_θ alone at s = 0
+                logits = logits + log_or_zero(self._Q_column(x_t, tt, ss))
+            return logits
 
-        logits = p_of(x0_c)
-        x0 = x0_c
-        if x0_u is not None:
-            logits = (1 + guidance) * F.log_softmax(logits, -1) - guidance * F.log_softmax(p_of(x0_u), -1)
-            x0 = (1 + guidance) * F.log_softmax(x0_c, -1) - guidance * F.log_softmax(x0_u, -1)
-        if s == 0:
-            return logits.argmax(-1), x0
-        g = self._gumbel(logits.shape, noise, generator, logits.device)
-        return (logits.double() + g).argmax(-1), x0
-
-    def _step_mixture(self, x_t, t, s, cond=None, generator=None):
-        """`_step` for Q_t = (1-β_t) I + β_t 1 sᵀ (uniform, absorbing), 0 < s < t, drawn exactly
-        from p_θ with eps = 0 and with float64 Gumbel noise only where it is needed   [eq. 4].
-
-        With r = ᾱ_t / ᾱ_s (1 - β_t for s = t-1), q(x_t | x_s = j) = (1-r) s_{x_t} + r [j = x_t]
-        and fact2 = ᾱ_s p̃_θ + (1-ᾱ_s) s sums to one, so
-            p_θ(x_s = j | x_t) ∝ (1-r) s_{x_t} fact2_j + r fact2_{x_t} [j = x_t]:
-        keep x_t with probability P = r fact2_{x_t} / (r fact2_{x_t} + (1-r) s_{x_t}), else draw
-        j ~ fact2: from p̃_θ with probability ᾱ_s (Gumbel-max over its K logits), else from s.
-        P grows with p̃_θ(x_t) ∈ [0, 1], so a uniform u below P(p̃ = 0) keeps x_t and one above
-        P(p̃ = 1) leaves it without computing P; softmax and Gumbel noise run only on the pixels
-        that need them. Returns (x_s, x̃_0 logits without a [MASK] column).
-        """
-        K, device = self.num_classes, x_t.device
-        logits = self._x0_logits(x_t, torch.full((x_t.shape[0],), t, device=device), cond)
-        a = self.alpha_bar64
-        jump = self.betas64[t - 1] if s == t - 1 else 1 - a[t] / a[s]       # 1 - r
-        s_t = self.stationary64[x_t]
-
-        def keep_prob(p0, s_t):  # P at p̃_θ(x_t) = p0; 1 where x_t cannot be left (s_{x_t} = 0)
-            stay, leave = (1 - jump) * (a[s] * p0 + (1 - a[s]) * s_t), jump * s_t
-            return torch.where(leave > 0, stay / (stay + leave), 1.0)
-
-        u = torch.rand(x_t.shape, dtype=torch.float64, generator=generator, device=device)
-        keep = u < keep_prob(0.0, s_t)
-        open_ = ~keep & (u < keep_prob(1.0, s_t))          # P depends on p̃_θ(x_t) here
-        x_open, logits_open = x_t[open_], logits[open_]    # (n,), (n, K)
-        p0 = (logits_open.gather(-1, x_open.clamp_max(K - 1).unsqueeze(-1)).squeeze(-1)
-              - torch.logsumexp(logits_open, -1)).exp().double() * (x_open < K)  # p̃_m = 0
-        keep[open_] = u[open_] < keep_prob(p0, s_t[open_])
-        from_p0 = ~keep & (torch.rand(x_t.shape, dtype=torch.float64, generator=generator,
-                                      device=device) < a[s])
-        x_s = x_t.clone()
-        chosen = logits[from_p0].double()                  # (n, K): Gumbel-max in float64
-        x_s[from_p0] = (chosen + self._gumbel(chosen.shape, None, generator, device)).argmax(-1)
-        from_s = ~keep & ~from_p0
-        if self.transition == "absorbing":
-            return x_s.masked_fill_(from_s, self.absorbing_state), logits
-        draw = torch.randint(0, K, x_t.shape, generator=generator, device=device)
-        return torch.where(from_s, draw, x_s), logits
-
-    def _step_gaussian(self, x_t, t, s, cond, generator, skip):
-        """`_step` for the discretized Gaussian, 0 < s < t, eps > 0, without logs or Gumbel
-        noise: the probabilities p_θ(x_s = j | x_t) ∝ (fact1_j + eps)(fact2_j + eps), fact1 = row
-        x_t of `skip` = Q_{s→t}ᵀ and fact2 = p̃_θ Q̄_s [eq. 4], are drawn by `_draw_categorical`
-        (Gumbel-max over their logs samples the same law). Each product is at least eps², so
-        nothing underflows (with eps = 0 it could, and `_step` keeps the logs and Gumbel-max).
-        Returns (x_s, x̃_0 logits)."""
-        K, eps = self.num_classes, self.eps
-        logits = self.model_logits(x_t, torch.full((x_t.shape[0],), t, device=x_t.device), cond)
-        with _exact_float32(x_t.device):
-            p = torch.softmax(logits, -1).view(-1, K) @ (self.Q_bar[s] + eps)  # fact2 + eps
-            p.mul_((skip + eps).index_select(0, x_t.reshape(-1)))               # × (fact1 + eps)
-        return _draw_categorical(p, generator)[0].view(x_t.shape), logits
+        x0 = self.model_logits(x_t, tt, cond)
+        logits = log_p(x0)
+        if guidance > 0:
+            x0_u = self.model_logits(x_t, tt, None)
+            logits = guide(F.log_softmax(logits, -1), F.log_softmax(log_p(x0_u), -1), guidance)
+            x0 = guide(F.log_softmax(x0, -1), F.log_softmax(x0_u, -1), guidance)
+        x_s = logits.argmax(-1) if s == 0 else gumbel_argmax(logits, noise, generator)
+        return x_s, x0
 
     @torch.no_grad()
     def p_sample(self, x_t, t, cond=None, noise=None, generator=None):
         """One ancestral step x_{t-1} ~ p_θ(x_{t-1} | x_t) for an int t (argmax at t = 1).
         With `noise` (uniforms, x_t.shape + (S,)) it replays the official Gumbel-max step."""
         self._check(x_t, None, "x_t", self.num_states)
-        skip = None
-        if self.transition == "gaussian" and t > 1:
-            skip = self._Q_t(torch.tensor([t], device=x_t.device))[0]
-        return self._step(x_t, t, t - 1, cond, noise=noise, generator=generator, skip=skip)[0]
+        return self.reverse_step(x_t, t, t - 1, cond, generator=generator, noise=noise)[0]
 
     @torch.no_grad()
     def sample(self, shape, cond=None, steps=None, generator=None, return_trajectory=False,
                guidance=0.0, progress=False, x_init=None):
-        """Ancestral sampling from x_T ~ stationary down to x_0   [§3.3].
+        """Ancestral sampling from x_T ~ π (or `x_init`) down to x_0   [§3.3].
 
-        steps < T visits a grid of `steps` timesteps from T down to 1 and jumps between them with
-        the exact q(x_s | x_t, x̃_0). Noise is drawn in float64 from `generator`.
-        Returns x_0 (long, `shape`), or (x_0, trajectory) with trajectory = {"t": [S] grid,
-        "x_t": [S+1, *shape] states before each step and the output, "x0_pred": [S, *shape]}.
+        `steps` < T visits that many timesteps from T down to 1 and jumps between them with
+        the exact q(x_s | x_t, x̃_0). Returns x_0 (long, `shape`), or (x_0, trajectory) with
+        trajectory = {"t": [steps] the grid, "x_t": [steps + 1, *shape] the states before each
+        step and the output, "x0_pred": [steps, *shape] argmax p̃_θ}, kept on the CPU.
         """
         T = self.num_timesteps
         steps = T if steps is None else int(steps)
@@ -905,170 +565,57 @@ class D3PM(nn.Module):
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         device = self.betas.device
         grid = torch.linspace(T, 1, steps, dtype=torch.float64).round().long().tolist()
-        x = self._prior_sample(tuple(shape), generator, device) if x_init is None else x_init.to(device)
+        if x_init is not None:
+            x = x_init.to(device)
+        elif self.transition == "absorbing":   # π = e_m
+            x = torch.full(tuple(shape), self.absorbing_state, dtype=torch.long, device=device)
+        else:                                  # π uniform
+            x = torch.randint(0, self.num_classes, tuple(shape), generator=generator, device=device)
         states, x0_preds = [x.cpu()], []
-        for i in _progress(range(len(grid)), progress, desc="sampling", unit="step"):
-            t = grid[i]
-            s = grid[i + 1] if i + 1 < len(grid) else 0
-            skip = None
-            if self.transition == "gaussian" and s > 0:
-                skip = (self._Q_t(torch.tensor([t], device=device))[0] if s == t - 1
-                        else self._gaussian_skip(t, s))
-            x, x0 = self._step(x, t, s, cond, guidance, generator=generator, skip=skip)
-            if return_trajectory:  # kept on the CPU: T states of a large batch do not fit a GPU
+        for t, s in _progress(list(zip(grid, grid[1:] + [0])), progress, desc="sampling", unit="step"):
+            x, x0 = self.reverse_step(x, t, s, cond, guidance, generator)
+            if return_trajectory:  # on the CPU: T states of a large batch do not fit a GPU
                 states.append(x.cpu())
                 x0_preds.append(x0.argmax(-1).cpu())
         if not return_trajectory:
             return x
         return x, {"t": torch.tensor(grid), "x_t": torch.stack(states), "x0_pred": torch.stack(x0_preds)}
 
-
-class _SoftmaxMixSums(torch.autograd.Function):
-    """The two sums over all K logits that `D3PM._vb_closed_form` needs, with a hand-written
-    backward that works in place (autograd's takes about three times as many passes over
-    (B, ..., K), each with a fresh buffer).
-
-    L (..., K) logits, idx (..., n) long, a and c (..., 1) broadcastable constants. Returns
-      lse = log Σ_j exp(L_j),  mix = Σ_j log(a p_j + c) with p = softmax(L)  (0 unless with_mix),
-      L.gather(-1, idx).
-    Gradients: ∂lse/∂L_k = p_k; with r_j = a p_j / (a p_j + c), ∂mix/∂L_k = r_k - p_k Σ_j r_j.
-    """
+    # ------------------------------------------------------------ small helpers
+    def _one_hot(self, x):
+        """x: long (...) -> bool (..., S)."""
+        return x.unsqueeze(-1) == torch.arange(self.num_states, device=x.device)
 
     @staticmethod
-    def forward(ctx, L, idx, a, c, with_mix):
-        M = L.detach().amax(-1, keepdim=True)
-        E = (L - M).exp_()                                 # p = E / Z
-        Z = E.sum(-1, keepdim=True)
-        D = None
-        mix = torch.zeros(L.shape[:-1], dtype=L.dtype, device=L.device)
-        if with_mix:
-            # a p + c = a D / Z with D = E + (c / a) Z; the clamps keep every log finite
-            tiny = torch.finfo(L.dtype).tiny
-            a = a.clamp_min(1e-20)
-            ctx.shift = c.clamp_min(tiny) / a * Z
-            D = (E + ctx.shift).log_()                     # a buffer the backward reuses
-            mix = D.sum(-1) + L.shape[-1] * (a.log() - Z.log()).squeeze(-1)
-        ctx.save_for_backward(E, Z, D, idx)
-        return (M + Z.log()).squeeze(-1), mix, L.gather(-1, idx)
+    def _per_example(v, x):
+        """v: [B] -> [B, 1, ..., 1] broadcasting against x.shape + (S,)."""
+        return v.view(-1, *([1] * x.dim()))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_lse, g_mix, g_idx):
-        E, Z, D, idx = ctx.saved_tensors                  # used up: E and D are overwritten
-        coef_p = g_lse.unsqueeze(-1) / Z                   # grad = E coef_p + r g_mix
-        if D is None:
-            grad = E.mul_(coef_p)
-        else:
-            r = torch.div(E, torch.add(E, ctx.shift, out=D), out=D)  # r_j = E_j / D_j
-            g_mix = g_mix.unsqueeze(-1)
-            grad = E.mul_(coef_p - g_mix * r.sum(-1, keepdim=True) / Z).addcmul_(r, g_mix)
-        return grad.scatter_add_(-1, idx, g_idx), None, None, None, None
+    def _check(self, x, t=None, name="x_0", high=None, low_t=1):
+        """ValueErrors for data outside 0..high-1, t outside low_t..T and mismatched shapes."""
+        high = self.num_classes if high is None else high
+        if x.is_floating_point() or x.dim() < 1:
+            raise ValueError(f"{name} must be an integer tensor [B, ...], got {x.dtype} {tuple(x.shape)}")
+        if self.check_inputs and x.numel() and (int(x.min()) < 0 or int(x.max()) >= high):
+            raise ValueError(f"{name} must lie in 0..{high - 1}, got values in "
+                             f"{int(x.min())}..{int(x.max())}")
+        if t is not None:
+            if t.shape != (x.shape[0],):
+                raise ValueError(f"t must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
+            if self.check_inputs and (int(t.min()) < low_t or int(t.max()) > self.num_timesteps):
+                raise ValueError(f"t must lie in {low_t}..{self.num_timesteps}, got values in "
+                                 f"{int(t.min())}..{int(t.max())}")
 
 
-def _draw_categorical(p, generator=None, block=16, u=None):
-    """One draw per row of unnormalised probabilities p (N, K) float32 by inverting the CDF
-    with a float64 uniform, in two levels so that no (N, K) float64 buffer is made: a block of
-    `block` classes by the float64 running sum of the blocks' totals, then a class inside it by
-    the float64 running sum of its values. Relative precision of every probability ≈ float32's,
-    tiny ones included (a float32 running sum over all K would lose those). `u` (N,) float64
-    in [0, 1) replaces the fresh uniforms (tests). Returns (index long [N], row total [N])."""
-    N, K = p.shape
-    bs = block if K % block == 0 else K
-    p = p.view(N, K // bs, bs)
-    blocks = p.sum(-1).double()                                  # (N, nb)
-    cum = blocks.cumsum(-1)
-    total = cum[:, -1:]
-    if u is None:
-        u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=p.device)
-    u = u.view(N, 1) * total
-    b = torch.searchsorted(cum, u, right=True).clamp_max_(K // bs - 1)  # the block
-    inner = p.gather(1, b.unsqueeze(-1).expand(N, 1, bs)).squeeze(1).double().cumsum_(-1)
-    mass = blocks.gather(-1, b)                                  # > 0 whenever total > 0
-    u = (u - (cum.gather(-1, b) - mass)) * (inner[:, -1:] / mass.clamp_min(1e-300))
-    j = torch.searchsorted(inner, u, right=True).clamp_max_(bs - 1)
-    return (b * bs + j).squeeze(-1), total.squeeze(-1)
+def _meanflat_bits(x):
+    """Mean over all but the batch axis, in bits: (B, ...) -> [B]."""
+    return x.reshape(x.shape[0], -1).mean(1) / math.log(2)
 
 
-@contextmanager
-def _exact_float32(device):
-    """float32 math as written: no autocast, and float32 matmuls in full precision whatever the
-    process allows elsewhere (train() allows TF32 on CUDA for the network;
-    torch.set_float32_matmul_precision("medium") would let oneDNN use bf16 on the CPU). The
-    posterior and KL stay in float32. The backend's setting is read and restored through the
-    per-backend `fp32_precision` API, and only touched when it is lowered."""
-    backend = (torch.backends.cuda.matmul if device.type == "cuda"
-               else getattr(torch.backends.mkldnn, "matmul", None))
-    saved = getattr(backend, "fp32_precision", "none")
-    lowered = saved not in ("none", "ieee")
-    try:
-        if lowered:
-            backend.fp32_precision = "ieee"
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        if lowered:
-            backend.fp32_precision = saved
-
-
-class _GaussianKL(torch.autograd.Function):
-    """KL(q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t)) and ce = -log p̃_θ(x_0 | x_t) per pixel for
-    an explicit Q̄_{t-1} (see `D3PM._vb_gaussian`), with a hand-written backward. Every step
-    works in place or into a buffer that is no longer needed: on the CPU a fresh (B, N, K)
-    buffer costs about as much as three passes over one (page faults). float32 only.
-
-    L (B, N, K) logits; Qb (B, K, K) = Q̄_{t-1} + eps per example; f1 = fact1 + eps and
-    g = Q̄_{t-1}[x_0] + eps (B, N, K), both consumed; idx0 (B, N, 1) = x_0. Returns kl, ce (B, N).
-    With m = p̃_θ Qb = p̃_θ Q̄_{t-1} + eps and q̂ = f1 g (q = q̂ / Z_q):
-        KL = Σ_j q̂_j log(q̂_j / (f1_j m_j)) / Z_q + log Z_p - log Z_q,   Z_p = Σ_j f1_j m_j.
-    Gradient: ∂KL/∂m_j = f1_j / Z_p - q_j / m_j, taken back to p̃_θ through Qbᵀ (its eps adds the
-    same number to every ∂/∂p̃_k, which the softmax ignores), then through the softmax:
-    ∂/∂L_k = p̃_k (∂/∂p̃_k - Σ_i p̃_i ∂/∂p̃_i); and ∂ce/∂L = p̃ - onehot(x_0).
-    The backward reuses its saved buffers, so the graph can be backpropagated once (a second
-    backward, e.g. with retain_graph=True, raises autograd's in-place error), as
-    `_SoftmaxMixSums`.
-    """
-
-    @staticmethod
-    def forward(ctx, L, Qb, f1, g, idx0):
-        with _exact_float32(L.device):
-            P = torch.log_softmax(L, -1)
-            ce = -P.gather(-1, idx0).squeeze(-1)
-            P = P.exp_()                                         # p̃_θ
-            m = torch.bmm(P, Qb)                                 # p̃_θ Q̄_{t-1} + eps  [eq. 4]
-            q_hat = g.mul_(f1)
-            z_q = q_hat.sum(-1)
-            scratch = torch.mul(f1, m)
-            z_p = scratch.sum(-1)
-            kl = torch.div(q_hat, scratch, out=scratch).log_().mul_(q_hat).sum(-1) / z_q
-            kl += z_p.log() - z_q.log()
-        ctx.save_for_backward(P, Qb, f1, q_hat, m, z_p, z_q, idx0)
-        return kl, ce
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_kl, g_ce):
-        P, Qb, f1, q_hat, m, z_p, z_q, idx0 = ctx.saved_tensors  # q_hat, m are overwritten
-        with _exact_float32(P.device):
-            g_kl, g_ce = g_kl.unsqueeze(-1), g_ce.unsqueeze(-1)
-            d_m = q_hat.div_(m).mul_(-g_kl / z_q.unsqueeze(-1)).addcmul_(f1, g_kl / z_p.unsqueeze(-1))
-            d_p = torch.bmm(d_m, Qb.transpose(1, 2))
-            dot = torch.mul(P, d_p, out=m).sum(-1, keepdim=True)  # m is free again
-            grad = d_p.sub_(dot - g_ce).mul_(P)                  # + g_ce (p̃ - onehot(x_0))
-            grad.scatter_add_(-1, idx0, -g_ce)
-        return grad, None, None, None, None
-
-
-def _progress(iterable, enabled, **kwargs):
-    """A tqdm bar over `iterable` when enabled; with total= given, a manual bar (or None)."""
-    if "total" in kwargs:
-        if not enabled:
-            return None
-        from tqdm.auto import tqdm
-        return tqdm(**kwargs)
-    if not enabled:
-        return iterable
+def _progress(iterable=None, enabled=True, **kwargs):
+    """A tqdm bar over `iterable` (or a manual one with total=...), silent when not enabled."""
     from tqdm.auto import tqdm
-    return tqdm(iterable, **kwargs)
+    return tqdm(iterable, disable=not enabled, **kwargs)
 
 
 # ================================================================================================
@@ -1264,13 +811,26 @@ def build_model(cfg, data):
                    ch=cfg.model_channels, num_timesteps=cfg.num_timesteps, output=cfg.model_output)
 
 
-def build_d3pm(cfg, net):
-    return D3PM(net, cfg.num_timesteps, cfg.num_classes, cfg.transition,
-                schedule=None if cfg.schedule == "default" else cfg.schedule,
-                hybrid_coeff=cfg.hybrid_coeff, loss_type=cfg.loss_type,
-                model_output=cfg.model_output, eps=cfg.eps,
-                absorbing_state=("mask" if cfg.absorbing_state == "mask" else None)
-                if cfg.transition == "absorbing" else None)
+def process_class(no_fast=False):
+    """(class, note): d3pm_fast.FastD3PM, the same numbers faster, unless --no-fast is given or
+    d3pm_fast.py is not beside this file; then the reference D3PM and a note saying why."""
+    if no_fast:
+        return D3PM, "--no-fast: the reference D3PM class (the paper's form, slower)"
+    try:
+        from d3pm_fast import FastD3PM
+    except ImportError:
+        return D3PM, "d3pm_fast.py not found: the reference D3PM class (the paper's form, slower)"
+    return FastD3PM, None
+
+
+def build_d3pm(cfg, net, check_inputs=True):
+    cls, _ = process_class(cfg.no_fast)
+    return cls(net, cfg.num_timesteps, cfg.num_classes, cfg.transition,
+               schedule=None if cfg.schedule == "default" else cfg.schedule,
+               hybrid_coeff=cfg.hybrid_coeff, loss_type=cfg.loss_type,
+               model_output=cfg.model_output, eps=cfg.eps, check_inputs=check_inputs,
+               absorbing_state=("mask" if cfg.absorbing_state == "mask" else None)
+               if cfg.transition == "absorbing" else None)
 
 
 @contextmanager
@@ -1480,7 +1040,7 @@ def resolve_config(given, ckpt_config=None, config_cls=Config, presets=PRESETS,
                 raise UsageError(f"checkpoint was trained with {name}={ckpt_config[name]!r}, "
                                  f"but --{name.replace('_', '-')} {given[name]!r} was asked for")
         values.update({k: v for k, v in ckpt_config.items() if k in config_cls.__dataclass_fields__})
-        for mode in ("resume", "sample_only", "eval_only", "figures"):
+        for mode in ("resume", "sample_only", "eval_only"):
             values.pop(mode, None)
     values.update(given)
     return config_cls(**values)
@@ -1503,21 +1063,6 @@ def autocast_for(device, precision="bf16"):
     diffusion log-probabilities are computed in float32 either way (the networks return float32)."""
     use = device.type == "cuda" and precision == "bf16"
     return torch.autocast("cuda", dtype=torch.bfloat16) if use else nullcontext()
-
-
-def tune_cpu():
-    """Two process-wide CPU settings that train() (and bench.py) use; README "Speed" has their
-    effect. (1) float32 denormals (< 1.2e-38) flush to zero: x86 multiplies them ~100x slower,
-    and the Gaussian's p̃_θ Q̄ products are full of them (its bmm runs 1.8x faster); they lie far
-    below the eps = 1e-6 floor of every log. (2) glibc keeps freed blocks up to 32 MB for reuse
-    instead of returning them to the OS: each fresh (B, ..., K) buffer otherwise costs ~1.5 ns per
-    element in page faults, a few percent of every step. No-op where glibc is absent."""
-    torch.set_flush_denormal(True)
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3              # from <malloc.h>
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)                 # glibc's default ceiling
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def setup_distributed(cfg):
@@ -1588,12 +1133,12 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             net, device_ids=[device.index] if device.type == "cuda" else None)
     if getattr(cfg, "compile", False):
         model = torch.compile(model)
-    d3pm = build_d3pm(cfg, model).to(device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        d3pm.validate = False  # range checks cost a host sync per call
-    else:
-        tune_cpu()
+    # Range checks cost a host sync per call on a GPU. TF32 matmuls stay off (PyTorch's
+    # default): they would also reach the diffusion math's float32 products.
+    d3pm = build_d3pm(cfg, model, check_inputs=device.type != "cuda").to(device)
+    note = process_class(cfg.no_fast)[1]
+    if note:
+        log(note)
     log(f"{type(net).__name__}: {count_parameters(net):,} parameters; {cfg.transition} "
         f"transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}"
         + (f" x {world} processes" if world > 1 else ""))
@@ -1607,7 +1152,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
         save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), {
             "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "step": step, "skipped_steps": skipped_total,
-            "betas": d3pm.betas64.cpu(), "config": dataclasses.asdict(cfg),
+            "betas": d3pm.betas.cpu(), "config": dataclasses.asdict(cfg),
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
 
@@ -1802,11 +1347,7 @@ def main(argv=None, run=None, description=__doc__, config_cls=Config, presets=PR
         validate_config(cfg)
         if validate is not None:
             validate(cfg)
-        if cfg.figures:
-            import figures
-            figures.make_figures(cfg, out_dir=given.get("out", "contents"))
-        else:
-            run(cfg)
+        run(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -3,8 +3,8 @@
 Illustrates "Structured Denoising Diffusion Models in Discrete State-Spaces" (Austin et al. 2021,
 arXiv:2107.03006) with the process of d3pm_runner.py. Drawn with Pillow (no matplotlib).
 
-    python d3pm_runner.py --figures --data-root ../shared/data                # into contents/
-    python d3pm_runner.py --figures --resume runs/cpu/checkpoint.pt --out runs/cpu   # + model
+    python figures.py --data-root ../shared/data                                # into contents/
+    python figures.py --data-root ../shared/data --resume runs/cpu/checkpoint.pt   # + the model
 
 Sections:
   1. the forward process, no network: Q̄_t, samples x_t ~ q(x_t | x_0), survival curves
@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -514,3 +515,17 @@ def _checkpoint_figures(cfg, num_images, save):
         cells = [_tiles(traj["x_t"][i], K, scale), _tiles(traj["x0_pred"][i], K, scale)]
         frames.append(_titled(_table(cells, ["x_t", "x̂_0"], rows), f"t = {grid[i]} / {T}", size=15))
     save(frames, "x0_prediction.gif")
+
+
+def main(argv=None):
+    """The command line: the runner's flags (--data-root, --resume, --device, --seed, --out)."""
+    given = vars(d3.make_parser(__doc__).parse_args(argv))
+    try:
+        make_figures(d3.Config(**given), out_dir=given.get("out", "contents"))
+    except d3.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

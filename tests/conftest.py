@@ -44,3 +44,16 @@ def write_fake_mnist(root, n_train=64, n_test=32, seed=0):
 def fake_mnist(tmp_path_factory):
     """A data root holding a tiny fake MNIST (64 train / 32 test images)."""
     return write_fake_mnist(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module", params=["reference", "fast"])
+def both_classes(request):
+    """Runs the tests of a module (pytestmark = pytest.mark.usefixtures("both_classes")) against
+    the reference d3pm_runner.D3PM and against d3pm_fast.FastD3PM: the module's global name D3PM
+    is bound to each class in turn."""
+    import d3pm_fast
+    import d3pm_runner
+    cls = {"reference": d3pm_runner.D3PM, "fast": d3pm_fast.FastD3PM}[request.param]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(request.module, "D3PM", cls)
+        yield cls

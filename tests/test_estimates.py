@@ -9,6 +9,8 @@ import torch
 
 from d3pm_runner import D3PM
 
+pytestmark = pytest.mark.usefixtures("both_classes")  # every test: D3PM and FastD3PM
+
 
 def fixed_terms_process(T=40, B=3, seed=0):
     """A D3PM whose per-timestep terms are fixed numbers, so that the only randomness left in

@@ -1,15 +1,17 @@
-"""The fast paths of d3pm_runner.D3PM against its explicit forms (D3PM, arXiv:2107.03006).
+"""d3pm_fast.FastD3PM's overrides against the methods of d3pm_runner.D3PM they replace.
 
 Run:  python -m pytest tests/test_fast_paths.py -q      (CPU, a few seconds)
 
-  1. the closed-form loss of uniform/absorbing (`_vb_closed_form`) and the fused Gaussian loss
-     (`_vb_gaussian`) equal the KL and decoder NLL composed from the explicit q_posterior_logits
-     and p_logits, values and gradients; the Gaussian one stays float32 under bf16 autocast
-     and under torch.set_float32_matmul_precision("medium"); Q_t from its (T, K) tables
+  1. kl_and_ce: the closed form of uniform/absorbing (`_kl_closed_form`) and the fused Gaussian
+     loss (`_kl_gaussian`) equal the parent's explicit KL and decoder NLL, values and
+     gradients; the Gaussian one stays float32 under bf16 autocast and under
+     torch.set_float32_matmul_precision("medium"); Q_t from its (T, K) tables
   2. q_sample without noise (exact draws: O(1) per pixel, or a binary search) follows q_probs
-  3. the mixture sampler (`_step_mixture`), the Gaussian inverse-CDF step (`_step_gaussian`) and
-     the Gumbel-max step sample the same p_θ(x_s | x_t), one step and a strided jump
-     (chi-square, per pixel, against the exact probabilities)
+  3. reverse_step: the mixture sampler (`_step_mixture`), the Gaussian inverse-CDF step
+     (`_step_gaussian`) and the parent's Gumbel-max step sample the same exact p_θ(x_s | x_t),
+     one step and a strided jump (chi-square, per pixel, against the exact probabilities)
+
+The parity, brute-force and goodness-of-fit tests of the other files run against both classes.
 """
 import contextlib
 import math
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import d3pm_runner  # noqa: E402
+import d3pm_fast  # noqa: E402
+from d3pm_fast import FastD3PM, _draw_categorical  # noqa: E402
 from d3pm_runner import D3PM  # noqa: E402
 
 F64 = torch.float64
@@ -71,7 +74,8 @@ def test_closed_form_loss_equals_explicit_kl(transition, absorbing_state, K, eps
     g = torch.Generator().manual_seed(K)
     model = FixedLogits(3 * torch.randn(B, 1, 1, D, K, generator=g))
     model.forward = lambda x_t, t, cond=None: model.logits      # one logit table per example
-    d = D3PM(model, T, K, transition, absorbing_state=absorbing_state, eps=eps)
+    d = FastD3PM(model, T, K, transition, absorbing_state=absorbing_state, eps=eps)
+    ref = D3PM(model, T, K, transition, absorbing_state=absorbing_state, eps=eps)
     x_0 = torch.randint(0, K, (B, 1, 1, D), generator=g)
     t = torch.tensor([1, 2, 5, 10, 19, 20])
     x_t = d.q_sample(x_0, t, generator=g)
@@ -81,20 +85,12 @@ def test_closed_form_loss_equals_explicit_kl(transition, absorbing_state, K, eps
     terms = d.loss_terms(x_0, x_t, t)
     grad = torch.autograd.grad(terms["loss"].sum(), model.logits)[0]
 
-    # explicit: KL of the (B, ..., S) distributions for t > 1, -log p_θ(x_0 | x_1) at t = 1
-    log_q = F.log_softmax(d.q_posterior_logits(x_0, x_t, t).double(), -1)
-    log_p = F.log_softmax(d.p_logits(x_t, t).double(), -1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
-    nll = -log_p.gather(-1, x_0.unsqueeze(-1)).squeeze(-1)
-    bits = lambda v: v.reshape(B, -1).mean(1) / math.log(2)  # noqa: E731
-    vb = torch.where(t == 1, bits(nll), bits(kl))
-    ce = bits(-F.log_softmax(model.logits.double(), -1).gather(-1, x_0.unsqueeze(-1)).squeeze(-1))
-    loss = vb + d.hybrid_coeff * ce
-    want_grad = torch.autograd.grad(loss.sum(), model.logits)[0]
-
-    torch.testing.assert_close(terms["vb"].double(), vb, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(terms["ce"].double(), ce, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(grad.double(), want_grad.double(), atol=1e-5, rtol=1e-4)
+    # the parent's explicit KL of the (B, ..., S) distributions, -log p_θ(x_0 | x_1) at t = 1
+    want = ref.loss_terms(x_0, x_t, t)
+    want_grad = torch.autograd.grad(want["loss"].sum(), model.logits)[0]
+    for name in ("vb", "ce", "loss"):
+        torch.testing.assert_close(terms[name], want[name], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad, want_grad, atol=1e-5, rtol=1e-4)
     assert bool(torch.isfinite(terms["loss"]).all())
 
 
@@ -103,7 +99,7 @@ def gaussian_case(seed, K=256, T=50, D=64):
     g = torch.Generator().manual_seed(seed)
     model = FixedLogits(2 * torch.randn(4, 1, 1, D, K, generator=g))
     model.forward = lambda x_t, t, cond=None: model.logits     # one logit table per example
-    d = D3PM(model, T, K, "gaussian")
+    d = FastD3PM(model, T, K, "gaussian")
     x_0 = torch.randint(0, K, (4, 1, 1, D), generator=g)
     t = torch.tensor([2, 10, 30, 50])
     return d, model, x_0, d.q_sample(x_0, t, generator=g), t
@@ -111,15 +107,15 @@ def gaussian_case(seed, K=256, T=50, D=64):
 
 def test_gaussian_loss_stays_float32_under_bf16_autocast(monkeypatch):
     """The fused Gaussian KL runs its p̃_θ Q̄ product in float32 even inside the training loop's
-    bf16 autocast; without the guard (`_exact_float32`) the bf16 product moves the KL."""
+    bf16 autocast; without the guard (`exact_float32`) the bf16 product moves the KL."""
     d, model, x_0, x_t, t = gaussian_case(seed=0)
-    kl = lambda: d._vb_gaussian(x_0, x_t, t, model.logits)[0]  # noqa: E731  per pixel, nats
+    kl = lambda: d._kl_gaussian(x_0, x_t, t, model.logits)[0]  # noqa: E731  per pixel, nats
     want = kl()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = kl()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    monkeypatch.setattr(d3pm_runner, "_exact_float32", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(d3pm_fast, "exact_float32", lambda device: contextlib.nullcontext())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         unguarded = kl()
     assert (unguarded - want).abs().max() > 1e-3                 # the test can tell
@@ -132,8 +128,8 @@ def test_gaussian_loss_stays_float32_under_bf16_autocast(monkeypatch):
                          ids=CONFIG_IDS + ["gaussian"])
 def test_q_sample_without_noise_follows_q_probs(transition, absorbing_state):
     K, T, N = 6, 10, 20000
-    d = D3PM(None, T, K, transition, schedule=torch.linspace(0.1, 0.9, T, dtype=F64),
-             absorbing_state=absorbing_state)
+    d = FastD3PM(None, T, K, transition, schedule=torch.linspace(0.1, 0.9, T, dtype=F64),
+                 absorbing_state=absorbing_state)
     g = torch.Generator().manual_seed(3)
     for t in (1, 4, T):
         x_0 = torch.tensor([0, 2, K - 1]).repeat(N, 1).view(N, 1, 1, 3)
@@ -155,27 +151,26 @@ STEP_CASES = [(10, 9), (5, 4), (2, 1), (9, 3)]  # (t, s): single steps and a str
 @pytest.mark.parametrize("t,s", STEP_CASES, ids=[f"t{t}_s{s}" for t, s in STEP_CASES])
 @pytest.mark.parametrize("transition,absorbing_state", CONFIGS, ids=CONFIG_IDS)
 def test_mixture_step_and_gumbel_step_sample_the_same_distribution(transition, absorbing_state, t, s):
-    """Both paths against the exact p_θ(x_s | x_t) ∝ Σ_x̃0 q(x_s, x_t | x̃_0) p̃_θ(x̃_0 | x_t)
-    (eps = 0), per pixel, for pixels whose x_t is each possible state."""
+    """The fast step and the parent's Gumbel-max step against the exact p_θ(x_s | x_t) ∝
+    Σ_x̃0 q(x_s, x_t | x̃_0) p̃_θ(x̃_0 | x_t) (no eps floor, although the process has eps = 1e-6
+    for its loss), per pixel, for pixels whose x_t is each possible state."""
     K, T, N = 4, 10, 20000
     g = torch.Generator().manual_seed(t * 10 + s)
-    d = D3PM(None, T, K, transition, absorbing_state=absorbing_state, eps=0.0,
-             schedule=torch.linspace(0.05, 0.5, T, dtype=F64))
+    d = FastD3PM(None, T, K, transition, absorbing_state=absorbing_state,
+                 schedule=torch.linspace(0.05, 0.5, T, dtype=F64))
     S = d.num_states
     D = S                                                     # pixel d has x_t = d
     d.x0_model = FixedLogits(torch.randn(D, K, generator=g) * 1.5)
     x_t = torch.arange(S).repeat(N, 1).view(N, 1, 1, D)
     tt, ss = torch.full((1,), t), torch.full((1,), s)
     with torch.no_grad():
-        exact = torch.softmax(d._posterior_logits(d.model_logits(x_t[:1], tt), x_t[:1], tt, ss)
-                              .double(), -1).view(D, S)
-        fast, _ = d._step(x_t, t, s, generator=g)
-        noise = torch.rand(x_t.shape + (S,), generator=g, dtype=F64)
-        gumbel, _ = d._step(x_t, t, s, noise=noise)
+        x0 = d.model_logits(x_t[:1], tt)
+        exact = torch.softmax(d.q_posterior_logits(x0, x_t[:1], tt, ss, eps=0.0).double(), -1).view(D, S)
+        fast, _ = d.reverse_step(x_t, t, s, generator=g)
+        gumbel, _ = D3PM.reverse_step(d, x_t, t, s, generator=g)
         # power check below: the exact distribution of another step must be rejected
         other = torch.full((1,), 1 if s > 1 else 2)
-        wrong = torch.softmax(d._posterior_logits(d.model_logits(x_t[:1], tt), x_t[:1], tt, other)
-                              .double(), -1).view(D, S)
+        wrong = torch.softmax(d.q_posterior_logits(x0, x_t[:1], tt, other, eps=0.0).double(), -1).view(D, S)
     for name, x_s in (("mixture", fast), ("gumbel", gumbel)):
         p = chisquare_pvalue(x_s.view(N, D), exact)
         assert p > 1e-4, (name, p)  # 32 such checks in this file: 1e-4 keeps false alarms rare
@@ -184,7 +179,7 @@ def test_mixture_step_and_gumbel_step_sample_the_same_distribution(transition, a
 
 
 def test_sample_uses_the_mixture_step_and_p_sample_with_noise_does_not(monkeypatch):
-    d = D3PM(FixedLogits(torch.zeros(3, 4)), 5, 4, "uniform")
+    d = FastD3PM(FixedLogits(torch.zeros(3, 4)), 5, 4, "uniform")
     calls = []
     real = d._step_mixture
     monkeypatch.setattr(d, "_step_mixture", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
@@ -210,7 +205,7 @@ def test_draw_categorical_follows_its_probabilities(K):
     p[1, : min(16, K - 1)] = 0.0             # a whole block without mass
     p[2, -1] = 1e-9 * p[2].sum()             # tiny, after all the mass
     p[2, -2] = 0.3 * p[2].sum()
-    x, total = d3pm_runner._draw_categorical(p.repeat(N, 1), g)
+    x, total = _draw_categorical(p.repeat(N, 1), g)
     torch.testing.assert_close(total.view(N, R)[0], p.double().sum(-1))
     probs = p.double() / p.double().sum(-1, keepdim=True)
     assert chisquare_pvalue(x.view(N, R), probs) > 1e-4
@@ -221,22 +216,22 @@ def test_draw_categorical_follows_its_probabilities(K):
 @pytest.mark.parametrize("eps", [1e-6, 0.0])
 @pytest.mark.parametrize("t,s", [(6, 5), (9, 3)], ids=["step", "jump"])
 def test_gaussian_step_samples_p_theta(t, s, eps):
-    """`_step_gaussian` (eps > 0; the Gumbel-max step with eps = 0), what sample() and
-    p_sample() use, against p_θ(x_s | x_t) ∝ (q(x_t | x_s) + eps)(p̃_θ Q̄_s + eps) from explicit
-    float64 matrices, K = 32 (two blocks of the two-level draw)."""
+    """`_step_gaussian` and the parent's Gumbel-max step against the exact p_θ(x_s | x_t) ∝
+    q(x_t | x_s) p̃_θ Q̄_s from explicit float64 matrices, whatever the loss's eps, K = 32 (two
+    blocks of the two-level draw)."""
     K, T, N, D = 32, 10, 20000, 4
     g = torch.Generator().manual_seed(t * 10 + s)
-    d = D3PM(None, T, K, "gaussian", eps=eps, schedule=torch.linspace(0.01, 0.1, T, dtype=F64))
+    d = FastD3PM(None, T, K, "gaussian", eps=eps, schedule=torch.linspace(0.01, 0.1, T, dtype=F64))
     d.x0_model = FixedLogits(1.5 * torch.randn(D, K, generator=g))
     x_t = torch.tensor([0, 5, 16, K - 1]).repeat(N, 1).view(N, 1, 1, D)
-    skip = d._Q_t(torch.tensor([t]))[0] if s == t - 1 else d._gaussian_skip(t, s)
-    x_s, _ = d._step(x_t, t, s, generator=g, skip=skip)
     jump = torch.linalg.multi_dot([d.Q_matrix(r) for r in range(s + 1, t + 1)]) if t - s > 1 \
         else d.Q_matrix(t)                                                 # Q_{s→t}
     p0 = torch.softmax(d.x0_model.logits.detach().double(), -1)            # (D, K)
-    fact2 = p0 @ d.Q_bar_matrix(s) + eps
-    want = (jump[:, x_t[0, 0, 0]].T + eps) * fact2
-    assert chisquare_pvalue(x_s.view(N, D), want / want.sum(-1, keepdim=True)) > 1e-4
+    fact2 = p0 @ d.Q_bar_matrix(s)
+    want = jump[:, x_t[0, 0, 0]].T * fact2
+    for step in (d.reverse_step, lambda *a, **k: D3PM.reverse_step(d, *a, **k)):
+        x_s, _ = step(x_t, t, s, generator=g)
+        assert chisquare_pvalue(x_s.view(N, D), want / want.sum(-1, keepdim=True)) > 1e-4
     # power: forgetting the factor q(x_t | x_s) is rejected (column vs row of the jump is
     # checked in test_process.py, where the schedule makes them differ enough to see)
     assert chisquare_pvalue(x_s.view(N, D), fact2 / fact2.sum(-1, keepdim=True)) < 1e-6
@@ -250,13 +245,13 @@ def test_draw_categorical_keeps_tiny_probabilities():
     p[:, 3], p[:, 40], p[:, 50] = 0.5, 1e-9, 0.5           # class 40 sits between the halves
     width = 1e-9 / (1.0 + 1e-9)
     u = torch.tensor([0.5 / (1 + 1e-9) + 0.5 * width, 0.25, 0.75], dtype=F64)
-    x, _ = d3pm_runner._draw_categorical(p, u=u)
+    x, _ = _draw_categorical(p, u=u)
     assert x.tolist() == [40, 3, 50]
 
 
 def test_gaussian_Q_t_tables_rebuild_the_matrices_exactly():
     for K in (2, 3, 16, 255, 256):
-        d = D3PM(None, 20, K, "gaussian", schedule=torch.linspace(1e-4, 1.0, 20, dtype=F64))
+        d = FastD3PM(None, 20, K, "gaussian", schedule=torch.linspace(1e-4, 1.0, 20, dtype=F64))
         t = torch.tensor([1, 2, 11, 20])
         for Q, tt in zip(d._Q_t(t), t.tolist()):
             assert torch.equal(Q, d.Q_matrix(tt).float()), (K, tt)
@@ -265,7 +260,7 @@ def test_gaussian_Q_t_tables_rebuild_the_matrices_exactly():
 def test_gaussian_q_sample_with_different_t_in_one_batch():
     """The binary search reads each example's own Q̄_t (K = 17: not a power of two)."""
     K, T, N = 17, 10, 20000
-    d = D3PM(None, T, K, "gaussian", schedule=torch.linspace(0.05, 0.9, T, dtype=F64))
+    d = FastD3PM(None, T, K, "gaussian", schedule=torch.linspace(0.05, 0.9, T, dtype=F64))
     g = torch.Generator().manual_seed(5)
     ts = torch.tensor([1, 3, 10]).repeat(N)                  # examples alternate between 3 t
     x_0 = torch.tensor([0, 8, K - 1]).repeat(3 * N, 1).view(3 * N, 1, 1, 3)
@@ -293,10 +288,10 @@ def test_gaussian_loss_gradient_and_matmul_precision_stay_float32(monkeypatch):
         a, b = torch.rand(64, 256), torch.rand(256, 256)
         exact = a @ b
         torch.set_float32_matmul_precision("medium")
-        torch.testing.assert_close(grad(), want, atol=1e-7, rtol=1e-5)
+        assert torch.equal(grad(), want)                        # the guard restores "ieee"
         assert torch.get_float32_matmul_precision() == "medium"
         if not torch.equal(a @ b, exact):  # this CPU lowers float32 matmuls: the test can tell
-            monkeypatch.setattr(d3pm_runner, "_exact_float32", lambda device: contextlib.nullcontext())
-            assert not torch.allclose(grad(), want, atol=1e-7, rtol=1e-5)
+            monkeypatch.setattr(d3pm_fast, "exact_float32", lambda device: contextlib.nullcontext())
+            assert not torch.equal(grad(), want)
     finally:
         torch.set_float32_matmul_precision(before)

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from d3pm_runner import D3PM, get_betas  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("both_classes")  # every test: D3PM and FastD3PM
+
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "parity.npz"
 LN2 = math.log(2.0)
 
@@ -315,7 +317,7 @@ def test_betas(cfg):
     d_default = D3PM(lambda x, t, c: None, r.T, r.K, transition=r.transition)  # default schedule
     d_tensor = make_d3pm(r, None)
     for d in (d_default, d_tensor):
-        torch.testing.assert_close(d.betas.cpu(), torch.as_tensor(betas, dtype=torch.float32),
+        torch.testing.assert_close(d.betas.cpu().float(), torch.as_tensor(betas, dtype=torch.float32),
                                    rtol=1e-6, atol=0, msg=lambda m: f"D3PM.betas: {m}")
         assert d.num_states == r.K
 

@@ -32,6 +32,8 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from d3pm_runner import D3PM, get_betas  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("both_classes")  # every test: D3PM and FastD3PM
+
 F64 = torch.float64
 LN2 = math.log(2.0)
 DEFAULT_SCHEDULE = {"uniform": "cosine", "absorbing": "jsd", "gaussian": "linear"}
@@ -798,3 +800,101 @@ def test_one_training_step(transition, absorbing_state, output):
         assert torch.equal(b != p.detach(), p.grad != 0), "exactly the entries with a gradient move"
     assert float(net.conv.weight.grad.abs().min()) > 0
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+# ------------------------------------------------------------- 10. classifier-free guidance
+
+class TwoHeads:
+    """x0_model with fixed logits per pixel: `cond` (B, D, K) for a label, `uncond` for the
+    null label (cond=None, as `sample` and `reverse_step` ask for the unconditional model)."""
+
+    def __init__(self, cond, uncond):
+        self.cond, self.uncond = cond, uncond
+
+    def __call__(self, x_t, t, cond=None):
+        logits = self.uncond if cond is None else self.cond
+        return logits.expand(x_t.shape + (logits.shape[-1],))
+
+
+def exact_step_law(d, logits, x_t, t, s):
+    """p_θ(x_s | x_t) from explicit float64 matrices, no eps: ∝ Q_{s→t}[j, x_t] (p̃ Q̄_s)_j.
+    logits (D, K) over x̃_0, x_t (D,) -> (D, S)."""
+    p0 = torch.softmax(logits.double(), -1)
+    if d.num_states > d.num_classes:                        # x̃_0 is never [MASK]
+        p0 = F.pad(p0, (0, 1))
+    law = d.Q_matrix(t, s)[:, x_t].T * (p0 @ d.Q_bar_matrix(s))
+    return law / law.sum(-1, keepdim=True)
+
+
+def tilted(p_c, p_u, w):
+    law = torch.where(p_c > 0, p_c ** (1 + w) * p_u.clamp_min(1e-300) ** (-w), 0.0)
+    return law / law.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("w", [0.5, 2.0])
+@pytest.mark.parametrize("transition,absorbing_state", [("uniform", None), ("absorbing", "mask"),
+                                                        ("gaussian", None)])
+def test_guided_step_samples_the_tilted_law(transition, absorbing_state, w):
+    """One guided step (and a strided jump) samples p_c^{1+w} p_u^{-w}, renormalised per pixel,
+    with p_c, p_u the exact reverse distributions under the conditional and the null label
+    [D-CFG, Schiff et al. 2024]. The unguided law, the untilted conditional one and the law with
+    guidance's sign flipped are rejected by the same samples."""
+    K, T, N = 5, 10, 20000
+    g = torch.Generator().manual_seed(int(10 * w))
+    cond_logits, uncond_logits = 1.5 * torch.randn(2, 1, 1, 4, K, generator=g)
+    d = make(transition, K, T, TwoHeads(cond_logits, uncond_logits), absorbing_state,
+             schedule=torch.linspace(0.1, 0.6, T, dtype=F64))
+    x_t = torch.tensor([0, 2, K - 1, d.num_states - 1]).repeat(N, 1).view(N, 1, 1, 4)
+    labels = torch.zeros(N, dtype=torch.long)
+    for t, s in ((6, 5), (9, 3)):
+        p_c = exact_step_law(d, cond_logits.view(4, K), x_t[0].flatten(), t, s)
+        p_u = exact_step_law(d, uncond_logits.view(4, K), x_t[0].flatten(), t, s)
+        x_s, _ = d.reverse_step(x_t, t, s, labels, guidance=w, generator=g)
+        x_s = x_s.view(N, 4)
+        cells = lambda law: x_s + d.num_states * torch.arange(4)  # noqa: E731  one cell per (pixel, state)
+        fits = lambda law: chisquare_pvalue(cells(law), law.flatten())  # noqa: E731
+        assert fits(tilted(p_c, p_u, w)) > 1e-4, (t, s)
+        for wrong in (p_c, tilted(p_u, p_c, w), tilted(p_c, p_u, w / 2)):
+            assert fits(wrong) < 1e-6, (t, s)
+
+
+@pytest.mark.parametrize("w", [1.0, 3.0])
+def test_a_decoded_absorbing_pixel_never_changes_under_guidance(w):
+    """Absorbing with a [MASK] state: once a pixel leaves [MASK] it is final, since
+    q(x_t = v | x_{t-1} = j) = 0 for j ≠ v. Guidance tilts p_θ, which gives every other value
+    probability exactly 0 under both labels, so no w may move it (tilting the eps floor did:
+    0.6 % a step at w = 1, 99.7 % at w = 2)."""
+    K, T, N = 4, 20, 500
+    cond = torch.log(torch.tensor([0.001, 0.9, 0.1, 0.001]))          # (·, 0.9, 0.1, ·)
+    uncond = torch.tensor([-30.0, 0.0, -30.0, -30.0])                 # ≈ δ_1
+    d = make("absorbing", K, T, TwoHeads(cond.view(1, 1, 1, K), uncond.view(1, 1, 1, K)), "mask",
+             schedule=torch.linspace(0.02, 0.3, T, dtype=F64))    # x_T = 1 possible: ᾱ_T > 0
+    g = torch.Generator().manual_seed(int(w))
+    labels = torch.zeros(N, dtype=torch.long)
+    for x_init in (None, torch.ones(N, 1, 1, 8, dtype=torch.long)):   # from [MASK], or decoded as 1
+        _, traj = d.sample((N, 1, 1, 8), labels, guidance=w, generator=g, x_init=x_init,
+                           return_trajectory=True)
+        states = traj["x_t"]                                           # [T + 1, N, 1, 1, 8]
+        decoded = states[:-1] != K
+        assert decoded.any() and (states[1:][decoded] == states[:-1][decoded]).all()
+        assert (states[-1] < K).all()
+
+
+@pytest.mark.parametrize("w", [1e-9, 2.0])
+def test_guidance_with_identical_predictions_is_the_unguided_law(w):
+    """Uniform, K = 256, T = 1000, t = 10, x_t = 50, p̃ = δ_100 under both labels: every w gives
+    the unguided exact law, P(x_9 = 100) = 0.135. Tilting log(p + eps) moved it to 0.36 at any
+    w > 0 (the floor's ~1e-6 on each of 256 states outweighs the true 1e-7..1e-6 ones)."""
+    K, T, N = 256, 1000, 4000
+    logits = torch.full((1, 1, 1, K), -40.0)
+    logits[..., 100] = 0.0
+    d = make("uniform", K, T, TwoHeads(logits, logits))
+    want = exact_step_law(d, logits.view(1, K), torch.tensor([50]), 10, 9)[0]
+    assert abs(float(want[100]) - 0.135) < 0.001
+    x_t = torch.full((N, 1, 1, 1), 50)
+    x_s, _ = d.reverse_step(x_t, 10, 9, torch.zeros(N, dtype=torch.long), guidance=w,
+                            generator=torch.Generator().manual_seed(7))
+    x_s = x_s.flatten()
+    cells = torch.where(x_s == 100, 0, torch.where(x_s == 50, 1, 2))   # 100 | 50 | the rest
+    coarse = torch.stack([want[100], want[50], 1 - want[100] - want[50]])
+    assert chisquare_pvalue(cells, coarse) > 1e-4, torch.bincount(cells, minlength=3)

@@ -39,6 +39,7 @@ def extreme_model(K, output, shape, seed, dtype=torch.float32):
     return raw, lambda x, t, c: (raw[0], raw[1])
 
 
+@pytest.mark.usefixtures("both_classes")
 @pytest.mark.parametrize("K", [2, 256])
 @pytest.mark.parametrize("transition", TRANSITIONS)
 @pytest.mark.parametrize("output", ["logits", "logistic"])
@@ -61,6 +62,7 @@ def test_loss_and_gradients_finite_for_every_t(K, transition, output, autocast):
         assert raw.grad.abs().sum() > 0, "no gradient reached the network output"
 
 
+@pytest.mark.usefixtures("both_classes")
 @pytest.mark.parametrize("K", [2, 256])
 @pytest.mark.parametrize("transition", TRANSITIONS)
 @pytest.mark.parametrize("eps", [1e-6, 0.0])
@@ -81,6 +83,7 @@ def test_no_nan_at_first_and_last_step(K, transition, eps):
 
 # ------------------------------------------------------------------------ library errors
 
+@pytest.mark.usefixtures("both_classes")
 def test_value_errors_name_the_offending_value():
     K, T = 4, 10
     d = D3PM(lambda x, t, c: torch.zeros(x.shape + (K,)), T, K, "uniform")
@@ -90,10 +93,12 @@ def test_value_errors_name_the_offending_value():
         d.q_probs(x + 7, t)
     with pytest.raises(ValueError, match="-1"):
         d.q_probs(x - 1, t)
-    with pytest.raises(ValueError, match="1..10.*11"):
+    with pytest.raises(ValueError, match="0..10.*11"):            # q(x_0 | x_0) at t = 0 is fine
         d.q_probs(x, torch.tensor([1, 11]))
+    with pytest.raises(ValueError, match="0..10, got values in -1..0"):
+        d.q_probs(x, torch.tensor([0, -1]))
     with pytest.raises(ValueError, match="1..10, got values in 0..0"):
-        d.q_probs(x, torch.tensor([0, 0]))
+        d.loss_terms(x, x, torch.tensor([0, 0]))
     with pytest.raises(ValueError, match=r"shape \[B\] = \[2\]"):
         d.q_probs(x, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="shapes differ"):
@@ -114,6 +119,7 @@ def test_value_errors_name_the_offending_value():
 
 # ------------------------------------------------------------------- property-based tests
 
+@pytest.mark.usefixtures("both_classes")
 @settings(max_examples=25, deadline=None)
 @given(K=st.integers(2, 12), T=st.integers(1, 12), transition=st.sampled_from(TRANSITIONS),
        shape=st.lists(st.integers(1, 3), min_size=0, max_size=3), seed=st.integers(0, 2**16),
@@ -261,6 +267,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(fake_mnist, tmp_p
     assert ckpt["step"] == 39 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.usefixtures("both_classes")
 @pytest.mark.parametrize("transition", TRANSITIONS)
 def test_diffusion_math_stays_float32_under_bf16_autocast(transition):
     """The training loop runs the loss under bf16 autocast; only the network may drop to bf16.

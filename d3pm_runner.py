@@ -221,7 +221,10 @@ def guide(log_c, log_u, w):
     return torch.where(zero_c, LOG_ZERO, torch.where(zero_u, log_c, (1 + w) * log_c - w * log_u))
 
 
-def _check_process_args(T, K, transition, loss_type, model_output, eps):
+def _process_args(T, K, transition, schedule, loss_type, model_output, absorbing_state, eps):
+    """Checks D3PM's arguments; returns (betas float64 [T], schedule name, absorbing state m or
+    None, whether m is an extra [MASK] state). m is the grey value K//2 by default, as the paper
+    does for images (an ordinary pixel value), an int, or "mask": a dedicated extra state K."""
     if T < 1:
         raise ValueError(f"num_timesteps must be >= 1, got {T}")
     if not 2 <= K <= 256:
@@ -234,6 +237,20 @@ def _check_process_args(T, K, transition, loss_type, model_output, eps):
         raise ValueError(f"unknown model_output {model_output!r}; expected 'logits' or 'logistic'")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    mask, m = transition == "absorbing" and absorbing_state == "mask", None
+    if transition == "absorbing":
+        m = K if mask else (K // 2 if absorbing_state is None else absorbing_state)
+        if not isinstance(m, int) or not 0 <= m < K + mask:
+            raise ValueError(f"absorbing_state must be None, 'mask' or an int in 0..{K - 1}, "
+                             f"got {absorbing_state!r}")
+    elif absorbing_state is not None:
+        raise ValueError("absorbing_state only applies to transition='absorbing'")
+    schedule = DEFAULT_SCHEDULE[transition] if schedule is None else schedule
+    betas = (get_betas(schedule, T) if isinstance(schedule, str)
+             else torch.as_tensor(schedule, dtype=torch.float64).flatten())
+    if betas.numel() != T or not bool(((betas > 0) & (betas <= 1)).all()):
+        raise ValueError(f"schedule must hold {T} betas in (0, 1], got {betas.tolist()[:8]}...")
+    return betas, schedule if isinstance(schedule, str) else "custom", m, mask
 
 
 # ================================================================================================
@@ -262,28 +279,12 @@ class D3PM(nn.Module):
                  absorbing_state=None, eps=1e-6, check_inputs=True):
         super().__init__()
         T, K = int(num_timesteps), int(num_classes)
-        _check_process_args(T, K, transition, loss_type, model_output, eps)
+        betas, self.schedule_name, self.absorbing_state, self.mask_state = _process_args(
+            T, K, transition, schedule, loss_type, model_output, absorbing_state, eps)
         self.x0_model, self.num_timesteps, self.num_classes, self.transition = x0_model, T, K, transition
         self.hybrid_coeff, self.loss_type, self.model_output = hybrid_coeff, loss_type, model_output
         self.eps, self.check_inputs = float(eps), check_inputs  # range checks: a host sync each
-        # The absorbing state m: the grey value K//2 by default, as the paper does for images
-        # (an ordinary pixel value), an int, or "mask": a dedicated extra state m = K.
-        self.mask_state = transition == "absorbing" and absorbing_state == "mask"
-        self.num_states = S = K + 1 if self.mask_state else K
-        if transition == "absorbing":
-            m = K if self.mask_state else (K // 2 if absorbing_state is None else absorbing_state)
-            if not isinstance(m, int) or not 0 <= m < S:
-                raise ValueError(f"absorbing_state must be None, 'mask' or an int in 0..{K - 1}, "
-                                 f"got {absorbing_state!r}")
-            self.absorbing_state = m
-        elif absorbing_state is not None:
-            raise ValueError("absorbing_state only applies to transition='absorbing'")
-        schedule = DEFAULT_SCHEDULE[transition] if schedule is None else schedule
-        betas = (get_betas(schedule, T) if isinstance(schedule, str)
-                 else torch.as_tensor(schedule, dtype=torch.float64).flatten())
-        if betas.numel() != T or not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError(f"schedule must hold {T} betas in (0, 1], got {betas.tolist()[:8]}...")
-        self.schedule_name = schedule if isinstance(schedule, str) else "custom"
+        self.num_states = S = K + 1 if self.mask_state else K     # S: K, or K + 1 with [MASK]
         # Buffers follow from the arguments, so they are not saved in state_dict.
         buf = lambda name, value: self.register_buffer(name, value, persistent=False)  # noqa: E731
         buf("betas", betas)                                            # float64 [T]: β_t at t-1

@@ -355,3 +355,45 @@ def test_heart_toy_learns_its_distribution(tmp_path):
     assert noise_floor < 0.1
     assert trained_tv < bound, (trained_tv, noise_floor)
     assert untrained_tv > 2 * bound, untrained_tv
+
+
+# ---------------------------------------------------------------- the two process classes
+
+def test_runner_uses_the_fast_class_unless_no_fast(mnist_root, tmp_path):
+    from d3pm_fast import FastD3PM
+    cfg = tiny_config(mnist_root, tmp_path)
+    assert type(R.build_d3pm(cfg, None)) is FastD3PM
+    assert type(R.build_d3pm(dataclasses.replace(cfg, no_fast=True), None)) is R.D3PM
+    lines = []
+    R.train(tiny_config(mnist_root, tmp_path / "ref", train_steps=2, no_fast=True, eval_images=2,
+                        num_samples=2), log=lines.append)
+    assert any("--no-fast" in line and "reference" in line for line in lines), lines
+
+
+def test_checkpoints_load_into_either_class(trained):
+    """A checkpoint holds the network only (the process's buffers follow from the config):
+    the reference and the fast class built from it give the same loss on the same inputs."""
+    cfg, _ = trained
+    data = R.load_mnist(cfg.data_root, K)
+    net = R.build_model(cfg, data)
+    net.load_state_dict(torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=True)["model"])
+    x_0, t = data.test_x[:4], torch.tensor([1, 3, 7, 10])
+    x_t = R.D3PM(None, T, K, cfg.transition).q_sample(x_0, t, generator=torch.Generator().manual_seed(0))
+    losses = [R.build_d3pm(dataclasses.replace(cfg, no_fast=flag), net).loss_terms(x_0, x_t, t)["loss"]
+              for flag in (False, True)]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+
+
+def test_runner_copied_alone_trains_and_samples(tmp_path):
+    """d3pm_runner.py alone in an empty folder: it says it uses the reference class, trains
+    the heart toy (no data files needed) and writes its samples."""
+    import shutil
+    import subprocess
+    shutil.copy(os.path.join(os.path.dirname(R.__file__), "d3pm_runner.py"), tmp_path)
+    out = subprocess.run([sys.executable, "d3pm_runner.py", "--preset", "heart", "--train-steps", "3",
+                          "--num-samples", "50", "--eval-images", "4", "--out", "run", "--device", "cpu"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "d3pm_fast.py not found" in out.stdout + out.stderr
+    assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "heart_final.png").exists()

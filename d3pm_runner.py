@@ -76,7 +76,8 @@ class Config:
     ema_decay: float = 0.9995         # EMA decay per step for the sampling weights
     seed: int = 0                     # seeds data order, noise and initialisation
     device: str = "auto"              # auto | cpu | cuda
-    precision: str = "bf16"           # bf16 | fp32: the network's arithmetic on CUDA
+    precision: str = "auto"           # the network's arithmetic: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False             # torch.compile the training network; D3PM's math stays eager
     # ---- logging, evaluation, checkpoints
     out: str = "runs/mnist"           # run directory
     log_every: int = 100              # steps between metrics.jsonl lines
@@ -119,7 +120,7 @@ class UsageError(Exception):
 def validate_config(cfg):
     choices = {"transition": ("uniform", "absorbing", "gaussian"), "loss_type": ("hybrid", "vb", "ce"),
                "model_output": ("logits", "logistic"), "device": ("auto", "cpu", "cuda"),
-               "absorbing_state": ("mask", "grey"), "precision": ("bf16", "fp32"),
+               "absorbing_state": ("mask", "grey"), "precision": ("auto", "bf16", "fp32"),
                "schedule": ("default", "cosine", "linear", "jsd")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -1460,11 +1461,12 @@ class StopRequested:
         self.signal = signal.Signals(signum).name
 
 
-def autocast_for(device, precision="bf16"):
-    """bf16 autocast for the network on CUDA; a null context on CPU or with precision fp32. The
-    diffusion log-probabilities are computed in float32 either way (the networks return float32)."""
-    use = device.type == "cuda" and precision == "bf16"
-    return torch.autocast("cuda", dtype=torch.bfloat16) if use else nullcontext()
+def autocast_for(device, precision="auto"):
+    """bf16 autocast for the network with precision bf16 (CUDA or CPU), or auto on CUDA; a null
+    context with fp32, or auto on the CPU. The diffusion log-probabilities are computed in float32
+    either way (D3PM casts the network's output to float32)."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def tune_cpu():
@@ -1542,7 +1544,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
-    if getattr(cfg, "compile", False):
+    if cfg.compile:
         model = torch.compile(model)
     d3pm = build_d3pm(cfg, model).to(device)
     if device.type == "cuda":

@@ -33,10 +33,12 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # log(0) as a finite number: exp(LOG_ZERO) == 0 in float32, and unlike -inf it never turns a
 # product 0 * log(0) or a gradient into NaN. Used only where a probability is exactly zero.
@@ -1046,17 +1048,35 @@ class _GaussianKL(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class _LineBar(tqdm):
+    """tqdm for logs: each refresh is one plain line, and the final state once more at close;
+    no carriage return, and no cursor movement for nested bars (sampling inside training)."""
+
+    def display(self, msg=None, pos=None):
+        if msg is None:  # tqdm passes msg="" only to erase a bar
+            self.fp.write(f"{self}\n")
+            self.fp.flush()
+            self.shown_n = self.n
+        return False     # nothing on screen for close() to erase
+
+    def clear(self, nolock=False):
+        pass
+
+    def close(self):
+        if not self.disable and self.n != getattr(self, "shown_n", None):
+            self.display()
+        self.leave = False  # that line ends the bar: tqdm would add a "\n" or a "\r"
+        super().close()
+
+
 def _progress(iterable, enabled, **kwargs):
-    """A tqdm bar over `iterable` when enabled; with total= given, a manual bar (or None)."""
-    if "total" in kwargs:
-        if not enabled:
-            return None
-        from tqdm.auto import tqdm
-        return tqdm(**kwargs)
+    """A tqdm bar over `iterable` when enabled; with total= given, a manual bar (or None).
+    On a terminal it redraws in place. In a log (stderr not a terminal: nohup, CI, a pipe) it
+    writes a plain line at most every 30 s, on each set_postfix and at the end."""
     if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, **kwargs)
+        return None if "total" in kwargs else iterable
+    bar = tqdm if sys.stderr.isatty() else partial(_LineBar, mininterval=30, maxinterval=30)
+    return bar(**kwargs) if "total" in kwargs else bar(iterable, **kwargs)
 
 
 # ================================================================================================
@@ -1578,9 +1598,8 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     stop = StopRequested()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.train_steps, initial=step, desc="training", dynamic_ncols=True,
-               disable=rank != 0)
+    bar = _progress(None, True, total=cfg.train_steps, initial=step, desc="training",
+                    dynamic_ncols=True, disable=rank != 0)
     sums, bad_in_a_row, t_start, n_logged = torch.zeros(3, device=device), 0, time.time(), 0
     n_train = len(data.train_x)
     try:

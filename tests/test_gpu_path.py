@@ -1,13 +1,13 @@
-"""The GPU path run on the CPU: bf16 autocast, torch.compile, fused AdamW, and logs without a
-terminal (D3PM, Austin et al. 2021, arXiv:2107.03006).
+"""The GPU path run on the CPU: bf16 autocast, torch.compile, fused AdamW, logs without a
+terminal, and scripts/gpu_check.sh (D3PM, Austin et al. 2021, arXiv:2107.03006).
 
     python -m pytest tests/test_gpu_path.py -q            # all (CPU, about a minute)
     python -m pytest -k "compile or bf16" -q              # the bf16 and compile tests alone
     D3PM_TEST_DEVICE=cuda python -m pytest tests/test_gpu_path.py   # the same on a GPU
 
-Sections: bf16 autocast | torch.compile | fused AdamW | logs without a terminal.
+Sections: bf16 autocast | torch.compile | fused AdamW | logs without a terminal | the GPU check.
 Tests that take the `device` fixture (tests/conftest.py) run on $D3PM_TEST_DEVICE, the CPU when
-it is unset.
+it is unset; scripts/gpu_check.sh runs them on CUDA.
 """
 
 import dataclasses
@@ -124,6 +124,8 @@ def test_bf16_training_run_is_finite(fake_mnist, tmp_path, device, monkeypatch):
         return forward(self, x_t, t, cond)
 
     monkeypatch.setattr(R.ConvNet, "forward", recording)
+    for backend in (torch.backends.cuda.matmul, torch.backends.cudnn):  # train() turns TF32 on
+        monkeypatch.setattr(backend, "allow_tf32", backend.allow_tf32)   # for this test only
     cfg = tiny_run(fake_mnist, tmp_path, precision="bf16", device=device.type)
     result = R.train(cfg, log=lambda *a: None)
     assert len(autocast) > cfg.train_steps
@@ -280,3 +282,26 @@ def test_training_log_without_a_terminal_has_plain_lines(fake_mnist, tmp_path):
     assert any(line.startswith("training: 100%") for line in lines)
     assert any(line.startswith("sampling: 100%") for line in lines)         # at step 3 and at the end
     assert any(line.startswith("test NLL (batches): 100%") for line in lines)
+
+
+# ------------------------------------------------------------------------------ the GPU check
+
+def run_gpu_check(*args):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}  # no GPU, ever
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line():
+    r = run_gpu_check()
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and "no GPU is visible" in lines[0], r.stdout
+
+
+def test_gpu_check_dry_run_lists_its_stages():
+    r = run_gpu_check("--dry-run")
+    assert r.returncode == 0, r.stderr
+    for stage in ("install", "tests on CUDA", "bench.py --device cuda", "CIFAR-10 shape",
+                  "python d3pm_runner.py", "torchrun"):
+        assert stage in r.stdout, (stage, r.stdout)

@@ -88,8 +88,7 @@ def build(args, cls, shape, transition, K, device):
     d3pm = CLASSES[cls](net, args.num_timesteps, K, transition, model_output=args.model_output,
                         absorbing_state=absorbing_arg(args, transition),
                         check_inputs=device.type != "cuda").to(device)  # as train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4,
-                            **({"fused": True} if device.type == "cuda" else {}))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)  # as train()
     x_0 = torch.randint(0, K, (args.batch_size, C, H, W), device=device)
     y = torch.randint(0, NUM_LABELS, (args.batch_size,), device=device)
     return d3pm, net, opt, x_0, y

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # log(0) as a finite number: exp(LOG_ZERO) == 0 in float32, and unlike -inf it never turns a
 # product 0 * log(0) or a gradient into NaN. Used only where a probability is exactly zero.
@@ -74,7 +75,8 @@ class Config:
     ema_decay: float = 0.9995         # EMA decay per step for the sampling weights
     seed: int = 0                     # seeds data order, noise and initialisation
     device: str = "auto"              # auto | cpu | cuda
-    precision: str = "bf16"           # bf16 | fp32: the network's arithmetic on CUDA
+    precision: str = "auto"           # the network's arithmetic: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False             # torch.compile the training network; D3PM's math stays eager
     # ---- logging, evaluation, checkpoints
     out: str = "runs/mnist"           # run directory
     log_every: int = 100              # steps between metrics.jsonl lines
@@ -117,7 +119,7 @@ class UsageError(Exception):
 def validate_config(cfg):
     choices = {"transition": ("uniform", "absorbing", "gaussian"), "loss_type": ("hybrid", "vb", "ce"),
                "model_output": ("logits", "logistic"), "device": ("auto", "cpu", "cuda"),
-               "absorbing_state": ("mask", "grey"), "precision": ("bf16", "fp32"),
+               "absorbing_state": ("mask", "grey"), "precision": ("auto", "bf16", "fp32"),
                "schedule": ("default", "cosine", "linear", "jsd")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -613,10 +615,34 @@ def _meanflat_bits(x):
     return x.reshape(x.shape[0], -1).mean(1) / math.log(2)
 
 
+class _LineBar(tqdm):
+    """tqdm for logs: each refresh is one plain line, and the final state once more at close;
+    no carriage return, and no cursor movement for nested bars (sampling inside training)."""
+
+    def display(self, msg=None, pos=None):
+        if msg is None:  # tqdm passes msg="" only to erase a bar
+            self.fp.write(f"{self}\n")
+            self.fp.flush()
+            self.shown_n = self.n
+        return False     # nothing on screen for close() to erase
+
+    def clear(self, nolock=False):
+        pass
+
+    def close(self):
+        if not self.disable and self.n != getattr(self, "shown_n", None):
+            self.display()
+        self.leave = False  # that line ends the bar: tqdm would add a "\n" or a "\r"
+        super().close()
+
+
 def _progress(iterable=None, enabled=True, **kwargs):
-    """A tqdm bar over `iterable` (or a manual one with total=...), silent when not enabled."""
-    from tqdm.auto import tqdm
-    return tqdm(iterable, disable=not enabled, **kwargs)
+    """A tqdm bar over `iterable` (or a manual one with total=...), silent when not enabled.
+    On a terminal it redraws in place. In a log (stderr not a terminal: nohup, CI, a pipe) it
+    writes a plain line at most every 30 s, on each set_postfix and at the end."""
+    if not enabled or sys.stderr.isatty():
+        return tqdm(iterable, disable=not enabled, **kwargs)
+    return _LineBar(iterable, mininterval=30, maxinterval=30, **kwargs)
 
 
 # ================================================================================================
@@ -1059,11 +1085,12 @@ class StopRequested:
         self.signal = signal.Signals(signum).name
 
 
-def autocast_for(device, precision="bf16"):
-    """bf16 autocast for the network on CUDA; a null context on CPU or with precision fp32. The
-    diffusion log-probabilities are computed in float32 either way (the networks return float32)."""
-    use = device.type == "cuda" and precision == "bf16"
-    return torch.autocast("cuda", dtype=torch.bfloat16) if use else nullcontext()
+def autocast_for(device, precision="auto"):
+    """bf16 autocast for the network with precision bf16 (CUDA or CPU), or auto on CUDA; a null
+    context with fp32, or auto on the CPU. The diffusion log-probabilities are computed in float32
+    either way (D3PM casts the network's output to float32)."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def setup_distributed(cfg):
@@ -1106,8 +1133,8 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     net = build_model(cfg, data).to(device)
     ema = torch.optim.swa_utils.AveragedModel(
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            **({"fused": True} if device.type == "cuda" else {}))
+    # fused: one kernel for the whole update, on CUDA and (since torch 2.4) on the CPU alike
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     warmup = lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
     step, skipped_total = 0, 0
@@ -1132,7 +1159,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
-    if getattr(cfg, "compile", False):
+    if cfg.compile:
         model = torch.compile(model)
     # Range checks cost a host sync per call on a GPU. TF32 matmuls stay off (PyTorch's
     # default): they would also reach the diffusion math's float32 products.
@@ -1166,9 +1193,8 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     stop = StopRequested()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.train_steps, initial=step, desc="training", dynamic_ncols=True,
-               disable=rank != 0)
+    bar = _progress(None, rank == 0, total=cfg.train_steps, initial=step, desc="training",
+                    dynamic_ncols=True)
     sums, bad_in_a_row, t_start, n_logged = torch.zeros(3, device=device), 0, time.time(), 0
     n_train = len(data.train_x)
     try:

@@ -25,7 +25,6 @@ class CifarConfig(d3.Config):
     transition: str = "gaussian"      # uniform | absorbing | gaussian
     model_output: str = "logistic"    # logistic (the paper's best) | logits
     model: str = "DiT-S/2"            # DiT-{T,S,B,L,XL}/{2,4,8} (dit.DIT_SIZES; T is a test size)
-    compile: bool = False             # torch.compile the network (CUDA)
     save_npz: str = ""                # with --sample-only: write samples as uint8 NHWC .npz here
     batch_size: int = 128             # images per step, over all processes
     lr: float = 1e-4                  # AdamW peak learning rate

@@ -1,11 +1,15 @@
-"""Shared test fixtures: one intra-op thread, and a tiny fake MNIST in torchvision's raw layout."""
+"""Shared test fixtures: one intra-op thread, a tiny fake MNIST in torchvision's raw layout, and
+the device for the tests that make sense on a GPU ($D3PM_TEST_DEVICE; the CPU when unset)."""
 
 import os
-import struct
+import sys
 
-import numpy as np
 import pytest
 import torch
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+sys.path.insert(0, SCRIPTS)
+from fake_mnist import write_fake_mnist  # noqa: E402  (scripts/gpu_check.sh writes a full-size one)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -16,28 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def write_fake_mnist(root, n_train=64, n_test=32, seed=0):
-    """MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte under root, read by the real
-    torchvision.datasets.MNIST(root, download=False): class c is a horizontal bar at rows
-    2c+2..2c+4 and a vertical bar at columns 2c+2..2c+3, with 2% of pixels flipped."""
-    raw = os.path.join(root, "MNIST", "raw")
-    os.makedirs(raw, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        images = np.zeros((n, 28, 28), np.uint8)
-        for i, c in enumerate(labels):
-            images[i, 2 + 2 * c:5 + 2 * c, 4:24] = 255
-            images[i, 4:24, 2 + 2 * c:4 + 2 * c] = 255
-        flip = rng.random(images.shape) < 0.02
-        images[flip] = 255 - images[flip]
-        with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +39,13 @@ def both_classes(request):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(request.module, "D3PM", cls)
         yield cls
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where the device-agnostic tests run: $D3PM_TEST_DEVICE (scripts/gpu_check.sh sets cuda),
+    the CPU when unset. Every other test runs on the CPU either way."""
+    name = os.environ.get("D3PM_TEST_DEVICE", "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.fail("D3PM_TEST_DEVICE=cuda, but torch sees no CUDA device")
+    return torch.device(name)

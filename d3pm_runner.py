@@ -1069,6 +1069,8 @@ def resolve_config(given, ckpt_config=None, config_cls=Config, presets=PRESETS,
         values.update({k: v for k, v in ckpt_config.items() if k in config_cls.__dataclass_fields__})
         for mode in ("resume", "sample_only", "eval_only"):
             values.pop(mode, None)
+        if "compile" not in ckpt_config and values.get("precision") == "bf16":
+            values["precision"] = "auto"   # older checkpoints: "bf16" then meant bf16 on CUDA only
     values.update(given)
     return config_cls(**values)
 

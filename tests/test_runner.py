@@ -397,3 +397,13 @@ def test_runner_copied_alone_trains_and_samples(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "d3pm_fast.py not found" in out.stdout + out.stderr
     assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "heart_final.png").exists()
+
+
+def test_old_checkpoints_read_bf16_as_auto(trained, tmp_path):
+    """Before --precision auto, "bf16" meant bf16 on CUDA and fp32 on the CPU: a checkpoint
+    whose config has no `compile` field keeps that meaning; newer ones keep what they say."""
+    cfg, _ = trained
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "compile"} | {"precision": "bf16"}
+    assert R.resolve_config({}, old).precision == "auto"
+    assert R.resolve_config({"precision": "bf16"}, old).precision == "bf16"
+    assert R.resolve_config({}, old | {"compile": False}).precision == "bf16"

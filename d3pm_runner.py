@@ -305,14 +305,15 @@ class D3PM(nn.Module):
     def Q_matrix(self, t, s=None):
         """Q_{s→t} = Q_{s+1} ⋯ Q_t as an explicit float64 (S, S) matrix; the default s = t-1
         gives Q_t itself   [eq. 2; App. A: Q_{s→t} = (ᾱ_t/ᾱ_s) I + (1 - ᾱ_t/ᾱ_s) 1 πᵀ]."""
-        s, eye = t - 1 if s is None else s, torch.eye(self.num_states, dtype=torch.float64,
-                                                      device=self.betas.device)
-        if self.transition == "gaussian":
+        s = t - 1 if s is None else s
+        I = torch.eye(self.num_states, dtype=torch.float64, device=self.betas.device)  # noqa: E741
+        if self.transition == "gaussian":        # the product, one matrix of eq. 8 at a time
+            Q = I
             for r in range(s + 1, t + 1):
-                eye = eye @ gaussian_Q(self.betas[r - 1], self.num_classes, eye.device)
-            return eye
+                Q = Q @ gaussian_Q(self.betas[r - 1], self.num_classes, I.device)
+            return Q
         keep = self.alpha_bar[t] / self.alpha_bar[s]
-        return keep * eye + (1 - keep) * self.stationary
+        return keep * I + (1 - keep) * self.stationary
 
     def Q_bar_matrix(self, t):
         """Q̄_t = Q_1 ⋯ Q_t = Q_{0→t} as an explicit float64 (S, S) matrix; Q̄_0 = I."""
@@ -490,13 +491,11 @@ class D3PM(nn.Module):
 
         L_0 (t = 1) and m = num_t - 1 timesteps drawn without replacement from 2..T, each term
         the mean A_t of two independent draws a_t, b_t of x_t; est = A_1 + (T-1) mean_t A_t + L_T.
-        Its variance has two parts, both estimated: which timesteps were drawn (finite-population
-        correction, s² the sample variance of the A_t) and the x_t draws (v_t = (a_t - b_t)²/4 is
-        an unbiased estimate of Var A_t):
-            Var ≈ (T-1)² (1 - m/(T-1)) s²/m + (T-1) mean_t v_t + v_1.
-        (s² already holds the x_t noise of the drawn terms; the middle term adds what the
-        finite-population factor removes.) With num_t = T every term is drawn and only the x_t
-        noise is left. Returns (estimate [B], standard error [B]) in bits/dim.
+        Its variance, from which timesteps were drawn (s² the sample variance of the A_t, with the
+        finite-population factor) and from the x_t draws (v_t = (a_t - b_t)²/4 estimates Var A_t):
+            Var ≈ (T-1)² (1 - m/(T-1)) s²/m + (T-1) mean_t v_t + v_1;
+        the middle term restores the x_t noise that the finite-population factor removes from s².
+        Returns (estimate [B], standard error [B]) in bits/dim; num_t = T leaves the x_t noise.
         """
         T = self.num_timesteps
         m = min(num_t, T) - 1

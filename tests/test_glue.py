@@ -1,0 +1,424 @@
+"""Behaviour tests of the glue around the D3PM math in d3pm_runner.py: the loss, the sampler and
+the training loop (issue 11, point 6).
+
+Run:  python -m pytest tests/test_glue.py -q      (CPU, one thread, well under a minute)
+
+The math itself has its own tests (official parity, brute-force Bayes); here each test checks
+what one piece of glue does, through the public API only, so that it fails when that piece is
+wrong whatever the line that breaks it:
+  1. the training loss: which t it trains on (uniform over 1..T, both ends), the x_t it feeds
+     the network (q(x_t | x_0) for that t), the labels, L_0 at t = 1, the KL at t > 1, the
+     hybrid weight, the batch mean, the prior term L_T, the full bound (every t exactly once)
+  2. the sampler: x_T from the stationary law, the grid of timesteps and the t and labels each
+     network call gets, one step of p_sample and of sample against p_θ, the last step's argmax,
+     and the direction and exact law of classifier-free guidance
+  3. the training loop, run through train() on a 16-image toy with a tiny recording network:
+     label dropout, gradient clipping, the gradient Adam receives, warm-up, weight decay, the
+     EMA recursion, which weights sample and evaluate, the data order, augmentation, the
+     evaluation images, and the logged means.
+"""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import d3pm_runner as R  # noqa: E402
+
+F64 = torch.float64
+LN2 = math.log(2.0)
+
+
+def chisquare_pvalue(samples, probs):
+    """Pearson goodness of fit of integer `samples` to `probs` [n] (float64). A sample in a cell
+    of probability 0 gives p = 0."""
+    probs = probs.to(F64) / probs.sum()
+    counts = torch.bincount(samples.flatten(), minlength=probs.numel()).to(F64)
+    assert counts.numel() == probs.numel(), "samples outside the cells"
+    zero = probs <= 1e-12
+    if counts[zero].sum() > 0:
+        return 0.0
+    expected = counts.sum() * probs[~zero]
+    stat = ((counts[~zero] - expected) ** 2 / expected).sum()
+    df = int((~zero).sum()) - 1
+    if df == 0:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=F64), stat / 2))
+
+
+def test_chisquare_helper_has_power():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.2, 0.3, 0.5], dtype=F64)
+    x = torch.multinomial(p, 20000, replacement=True, generator=g)
+    assert chisquare_pvalue(x, p) > 1e-3
+    assert chisquare_pvalue(x, torch.tensor([0.22, 0.3, 0.48], dtype=F64)) < 1e-3
+
+
+class TableModel:
+    """A fixed x̃_0 predictor: logits from a random table indexed by (t, x_t, label), where
+    label num_labels (or cond=None) is the null class. Records every call."""
+
+    def __init__(self, S, K, T, num_labels=3, seed=0, scale=1.0):
+        g = torch.Generator().manual_seed(seed)
+        self.table = scale * torch.randn(T + 1, S, num_labels + 1, K, generator=g)
+        self.num_labels, self.calls = num_labels, []
+
+    def __call__(self, x_t, t, cond=None):
+        self.calls.append({"x_t": x_t.clone(), "t": t.clone(),
+                           "cond": None if cond is None else cond.clone()})
+        c = torch.full_like(t, self.num_labels) if cond is None else cond
+        view = (-1,) + (1,) * (x_t.dim() - 1)
+        return self.table[t.view(view), x_t, c.view(view)]
+
+
+def process(transition="uniform", K=4, T=5, model=None, eps=1e-6, schedule=None, **kw):
+    S = K + 1 if kw.get("absorbing_state") == "mask" else K
+    return R.D3PM(model or TableModel(S, K, T), T, K, transition, schedule=schedule, eps=eps, **kw)
+
+
+def img(x):
+    return x.reshape(x.shape[0], 1, 1, -1)
+
+
+# ================================================================================================
+# 1. The training loss
+# ================================================================================================
+
+def test_forward_trains_on_every_t_from_1_to_T_uniformly():
+    """forward() draws one t per example, uniform on 1..T: both ends included."""
+    K, T, B = 3, 6, 6000
+    model = TableModel(K, K, T)
+    d3pm = process(K=K, T=T, model=model)
+    torch.manual_seed(0)
+    d3pm.forward(torch.randint(0, K, (B, 1, 1, 2)))
+    t = torch.cat([c["t"] for c in model.calls])
+    assert t.shape == (B,)
+    assert int(t.min()) == 1 and int(t.max()) == T, (int(t.min()), int(t.max()))
+    assert chisquare_pvalue(t - 1, torch.ones(T, dtype=F64)) > 1e-4
+
+
+@pytest.mark.parametrize("transition,absorbing_state", [("uniform", None), ("absorbing", "mask")])
+def test_forward_feeds_x_t_from_q_of_the_same_t(transition, absorbing_state):
+    """The x_t the network sees with step t follows q(x_t | x_0) = row x_0 of Q̄_t (not Q̄_{t-1}),
+    and forward passes the labels through unchanged."""
+    K, T, B = 4, 4, 8000
+    schedule = torch.tensor([0.15, 0.3, 0.45, 0.6], dtype=F64)
+    S = K + 1 if absorbing_state == "mask" else K
+    model = TableModel(S, K, T)
+    d3pm = process(transition, K=K, T=T, model=model, schedule=schedule,
+                   absorbing_state=absorbing_state)
+    x_0 = torch.full((B, 1, 1, 3), 2, dtype=torch.long)
+    labels = torch.arange(B) % 3
+    torch.manual_seed(1)
+    d3pm.forward(x_0, labels)
+    (call,) = model.calls
+    assert torch.equal(call["cond"], labels)
+    for t in range(1, T + 1):
+        x_t = call["x_t"][call["t"] == t]
+        assert len(x_t) > 1000
+        assert chisquare_pvalue(x_t, d3pm.Q_bar_matrix(t)[2]) > 1e-4, t
+
+
+@pytest.mark.parametrize("loss_type", ["hybrid", "vb", "ce"])
+def test_forward_is_the_batch_mean_of_loss_terms_at_the_drawn_t(loss_type):
+    """forward() = mean over the batch of loss_terms at the (t, x_t) it drew; info holds the
+    batch means of vb and ce; the loss is differentiable."""
+    K, T, B = 4, 5, 7
+    model = TableModel(K, K, T)
+    model.table.requires_grad_(True)
+    d3pm = process(K=K, T=T, model=model, loss_type=loss_type, hybrid_coeff=0.3)
+    x_0 = torch.randint(0, K, (B, 1, 2, 2), generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(B) % 3
+    torch.manual_seed(2)
+    loss, info = d3pm.forward(x_0, labels)
+    call = model.calls[0]
+    terms = d3pm.loss_terms(x_0, call["x_t"], call["t"], labels)
+    assert loss.dim() == 0 and loss.requires_grad
+    torch.testing.assert_close(loss, terms["loss"].mean())
+    torch.testing.assert_close(info["vb"], terms["vb"].mean())
+    torch.testing.assert_close(info["ce"], terms["ce"].mean())
+
+
+def _kl_by_hand(d3pm, x_0, x_t, t, cond=None):
+    """KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) per example, bits/dim, from the public
+    posterior and p_θ logits."""
+    log_q = F.log_softmax(d3pm.q_posterior_logits(x_0, x_t, t).double(), -1)
+    log_p = F.log_softmax(d3pm.p_logits(x_t, t, cond).double(), -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return kl.reshape(len(x_0), -1).mean(1) / LN2
+
+
+@pytest.mark.parametrize("transition,absorbing_state", [("uniform", None), ("absorbing", None),
+                                                        ("gaussian", None)])
+def test_loss_terms_are_L0_at_t1_and_the_kl_elsewhere_with_the_hybrid_weight(transition,
+                                                                             absorbing_state):
+    """vb at t = 1 is L_0 = -log p̃_θ(x_0 | x_1) (mean over pixels, bits); at t > 1 the KL
+    between the posterior and p_θ; ce is -log p̃_θ(x_0 | x_t) at every t; the hybrid loss is
+    vb + λ ce (eq. 5)."""
+    K, T, B = 4, 5, 10
+    model = TableModel(K, K, T, scale=2.0)
+    d3pm = process(transition, K=K, T=T, model=model, eps=0.0, hybrid_coeff=0.3,
+                   schedule=torch.linspace(0.2, 0.5, T, dtype=F64), absorbing_state=absorbing_state)
+    g = torch.Generator().manual_seed(4)
+    x_0 = torch.randint(0, K, (B, 1, 2, 3), generator=g)
+    t = torch.tensor([1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    labels = torch.arange(B) % 4          # 3 is the null label
+    x_t = d3pm.q_sample(x_0, t, generator=g)
+    terms = d3pm.loss_terms(x_0, x_t, t, labels)
+    logits = model(x_t, t, labels)
+    ce = -F.log_softmax(logits.double(), -1).gather(-1, x_0.unsqueeze(-1)).squeeze(-1)
+    ce = ce.reshape(B, -1).mean(1) / LN2
+    kl = _kl_by_hand(d3pm, x_0, x_t, t, labels)
+    want_vb = torch.where(t == 1, ce, kl)
+    torch.testing.assert_close(terms["ce"].double(), ce, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(terms["vb"].double(), want_vb, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(terms["loss"].double(), want_vb + 0.3 * ce, atol=2e-5, rtol=2e-5)
+    assert bool((kl[t > 1] > 1e-3).all()) and bool((want_vb - ce).abs()[t > 1].min() > 1e-3)
+
+
+@pytest.mark.parametrize("transition,absorbing_state", [("uniform", None), ("absorbing", 1),
+                                                        ("absorbing", "mask"), ("gaussian", None)])
+def test_prior_bpd_is_the_kl_from_q_x_T_to_the_stationary_law(transition, absorbing_state):
+    """L_T = KL(q(x_T | x_0) ‖ p(x_T)) per example in bits/dim, q(x_T|x_0) = row x_0 of Q̄_T and
+    p(x_T) the stationary law (uniform, or the absorbing state), each log floored at eps as
+    everywhere in the code (with p(x_T) = δ_m the exact KL is infinite)."""
+    K, T, B, eps = 4, 3, 5, 1e-6
+    schedule = torch.tensor([0.2, 0.3, 0.4], dtype=F64)   # far from mixed: L_T is large
+    d3pm = process(transition, K=K, T=T, schedule=schedule, eps=eps,
+                   absorbing_state=absorbing_state)
+    S = d3pm.Q_bar_matrix(T).shape[0]
+    if transition == "absorbing":
+        stationary = F.one_hot(torch.tensor(K if absorbing_state == "mask" else absorbing_state),
+                               S).to(F64)
+    else:
+        stationary = torch.full((S,), 1.0 / S, dtype=F64)
+    x_0 = torch.randint(0, K, (B, 1, 2, 2), generator=torch.Generator().manual_seed(5))
+    q = d3pm.Q_bar_matrix(T)[x_0]                                        # (B, 1, 2, 2, S)
+    kl = (q * ((q + eps).log() - (stationary + eps).log())).sum(-1)
+    want = kl.reshape(B, -1).mean(1) / LN2
+    got = d3pm.prior_bpd(x_0).double()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert float(want.min()) > 0.05
+
+
+def test_full_bound_uses_every_t_once_and_adds_the_prior():
+    """nll_bpd = Σ_{t=1..T} L_{t-1} + L_T: every t exactly once per image, the term at t taken
+    at x_t (row t-1 of x_t_per_t), plus prior_bpd."""
+    K, T, B = 4, 6, 3
+    model = TableModel(K, K, T)
+    d3pm = process(K=K, T=T, model=model, schedule=torch.linspace(0.1, 0.4, T, dtype=F64))
+    g = torch.Generator().manual_seed(6)
+    x_0 = torch.randint(0, K, (B, 1, 2, 2), generator=g)
+    labels = torch.tensor([0, 2, 1])
+    x_t_per_t = torch.stack([d3pm.q_sample(x_0, torch.full((B,), t), generator=g)
+                             for t in range(1, T + 1)])
+    nll = d3pm.nll_bpd(x_0, labels, x_t_per_t=x_t_per_t, batch_size=2 * B)
+    t_seen = torch.cat([c["t"] for c in model.calls])
+    assert sorted(t_seen.tolist()) == sorted(list(range(1, T + 1)) * B)
+    assert all(torch.equal(c["cond"], labels.repeat(len(c["t"]) // B)) for c in model.calls)
+    want = sum(d3pm.vb_terms_bpd(x_0, x_t_per_t[t - 1], torch.full((B,), t), labels)
+               for t in range(1, T + 1)) + d3pm.prior_bpd(x_0)
+    torch.testing.assert_close(nll, want, atol=1e-5, rtol=1e-5)
+    terms = d3pm.nll_bpd_terms(x_0, labels, x_t_per_t=x_t_per_t)
+    assert terms.shape == (B, T)
+    torch.testing.assert_close(nll, terms.sum(1) + d3pm.prior_bpd(x_0), atol=1e-5, rtol=1e-5)
+    assert float(d3pm.prior_bpd(x_0).min()) > 0.01   # the prior is not negligible here
+
+
+# ================================================================================================
+# 2. The sampler
+# ================================================================================================
+
+@pytest.mark.parametrize("transition,absorbing_state", [("uniform", None), ("absorbing", "mask"),
+                                                        ("absorbing", None), ("gaussian", None)])
+def test_sampler_starts_from_the_stationary_law(transition, absorbing_state):
+    K, T, N = 4, 3, 4000
+    d3pm = process(transition, K=K, T=T, absorbing_state=absorbing_state)
+    _, traj = d3pm.sample((N, 1, 1, 1), generator=torch.Generator().manual_seed(7),
+                          return_trajectory=True)
+    x_T = traj["x_t"][0].flatten()
+    S = K + 1 if absorbing_state == "mask" else K
+    if transition == "absorbing":
+        m = K if absorbing_state == "mask" else K // 2
+        assert bool((x_T == m).all())
+    else:
+        assert chisquare_pvalue(x_T, torch.ones(S, dtype=F64)) > 1e-4
+
+
+@pytest.mark.parametrize("steps", [None, 1, 3, 4, 7])
+@pytest.mark.parametrize("guidance", [0.0, 1.5])
+def test_sampler_visits_its_grid_and_calls_the_network_with_each_t_and_label(steps, guidance):
+    """t runs T..1 strictly decreasing in `steps` steps (T if None); each step calls the network
+    once with that t and the requested labels, and with guidance once more without them; the
+    trajectory holds the states before each step and the output, and the x̃_0 argmax."""
+    K, T, B = 4, 7, 6
+    model = TableModel(K, K, T)
+    d3pm = process(K=K, T=T, model=model)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    out, traj = d3pm.sample((B, 1, 2, 2), labels, steps=steps, guidance=guidance,
+                            generator=torch.Generator().manual_seed(8), return_trajectory=True)
+    n = T if steps is None else steps
+    grid = traj["t"].tolist()
+    assert len(grid) == n and grid[0] == T and (grid[-1] == 1 or n == 1)
+    assert all(a > b for a, b in zip(grid, grid[1:]))
+    assert traj["x_t"].shape == (n + 1, B, 1, 2, 2) and traj["x0_pred"].shape == (n, B, 1, 2, 2)
+    assert torch.equal(traj["x_t"][-1], out)
+    per_step = 2 if guidance > 0 else 1
+    assert len(model.calls) == per_step * n
+    for i, t in enumerate(grid):
+        calls = model.calls[per_step * i: per_step * (i + 1)]
+        assert all(bool((c["t"] == t).all()) for c in calls), (i, t)
+        assert all(torch.equal(c["x_t"], traj["x_t"][i]) for c in calls)
+        given = [c for c in calls if c["cond"] is not None and bool((c["cond"] < 3).all())]
+        assert len(given) == 1 and torch.equal(given[0]["cond"], labels)
+        if guidance > 0:   # the other call is unconditional: cond None or the null label
+            (other,) = [c for c in calls if c is not given[0]]
+            assert other["cond"] is None or bool((other["cond"] == 3).all())
+        else:              # x̃_0 prediction: argmax of the network's logits at this step
+            logits = model.table[t, traj["x_t"][i], labels.view(-1, 1, 1, 1)]
+            assert torch.equal(traj["x0_pred"][i], logits.argmax(-1))
+
+
+@pytest.mark.parametrize("transition", ["uniform", "absorbing", "gaussian"])
+def test_last_step_returns_the_argmax_of_the_x0_prediction(transition):
+    """At t = 1 the sampler outputs argmax p̃_θ(x_0 | x_1): deterministic, no noise."""
+    K, T, B = 5, 2, 300
+    model = TableModel(K, K, T, scale=0.3)   # small logits: sampling would rarely hit argmax
+    d3pm = process(transition, K=K, T=T, model=model)
+    x_1 = torch.randint(0, K, (B, 1, 1, 4), generator=torch.Generator().manual_seed(9))
+    labels = torch.arange(B) % 3
+    want = model.table[1, x_1, labels.view(-1, 1, 1, 1)].argmax(-1)
+    for seed in (0, 1):
+        got = d3pm.p_sample(x_1, 1, labels, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(got, want)
+    d3pm_T1 = process(transition, K=K, T=1, model=TableModel(K, K, 1, scale=0.3))
+    out = d3pm_T1.sample((B, 1, 1, 4), labels, generator=torch.Generator().manual_seed(2),
+                         x_init=x_1)
+    assert torch.equal(out, d3pm_T1.x0_model.table[1, x_1, labels.view(-1, 1, 1, 1)].argmax(-1))
+
+
+@pytest.mark.parametrize("transition,absorbing_state", [("uniform", None), ("absorbing", "mask"),
+                                                        ("gaussian", None)])
+@pytest.mark.parametrize("t", [2, 4])
+def test_one_reverse_step_follows_p_theta_of_its_t(transition, absorbing_state, t):
+    """p_sample(x_t, t) and the first step of sample() both draw x_{t-1} ~ p_θ(· | x_t) at that t
+    (eq. 4; eps = 0, where the sampler is exact)."""
+    K, T, N = 4, 4, 12000
+    S = K + 1 if absorbing_state == "mask" else K
+    model = TableModel(S, K, T, scale=1.5)
+    d3pm = process(transition, K=K, T=T, model=model, eps=0.0, absorbing_state=absorbing_state,
+                   schedule=torch.linspace(0.3, 0.6, T, dtype=F64))
+    x_t = torch.full((N, 1, 1, 1), K if absorbing_state == "mask" else 1, dtype=torch.long)
+    for lab in (0, 2):
+        cond = torch.full((N,), lab)
+        p = torch.softmax(d3pm.p_logits(x_t[:1], torch.tensor([t]), cond[:1]).double(), -1)
+        x_s = d3pm.p_sample(x_t, t, cond, generator=torch.Generator().manual_seed(10 + lab))
+        assert chisquare_pvalue(x_s, p.flatten()) > 1e-4, (lab, "p_sample")
+    if t == T:
+        _, traj = d3pm.sample(x_t.shape, cond, generator=torch.Generator().manual_seed(11),
+                              return_trajectory=True, x_init=x_t)
+        assert chisquare_pvalue(traj["x_t"][1], p.flatten()) > 1e-4, "sample"
+
+
+# ----------------------------------------------------------------------- classifier-free guidance
+
+class TwoPredictions:
+    """p̃(x̃_0 | x_t, c) for any real label, another p̃(x̃_0 | x_t, ∅) for cond=None or the null
+    label (index num_labels), the same at every t and pixel."""
+
+    def __init__(self, p_cond, p_uncond, num_labels=3):
+        self.log_c = torch.tensor(p_cond, dtype=F64).log().float()
+        self.log_u = torch.tensor(p_uncond, dtype=F64).log().float()
+        self.num_labels, self.calls = num_labels, []
+
+    def __call__(self, x_t, t, cond=None):
+        self.calls.append(cond)
+        uncond = torch.ones(x_t.shape[0], dtype=torch.bool) if cond is None else cond == self.num_labels
+        logits = torch.where(uncond.view(-1, *[1] * x_t.dim()), self.log_u, self.log_c)
+        return logits.expand(x_t.shape + (len(self.log_c),)).clone()
+
+
+def _guided_first_step(p_cond, p_uncond, w, N=20000, K=3, T=3, x_T=1, seed=12):
+    """x_{T-1} after the first guided step of sample() from x_T, and the eps-free conditional and
+    unconditional laws p_θ(x_{T-1} | x_T) of that step."""
+    model = TwoPredictions(p_cond, p_uncond)
+    kw = dict(K=K, T=T, model=model, schedule=torch.tensor([0.3, 0.4, 0.5], dtype=F64))
+    d3pm, exact = process(**kw), process(**kw, eps=0.0)
+    x_init = torch.full((N, 1, 1, 1), x_T, dtype=torch.long)
+    cond = torch.zeros(N, dtype=torch.long)
+    _, traj = d3pm.sample(x_init.shape, cond, guidance=w, return_trajectory=True, x_init=x_init,
+                          generator=torch.Generator().manual_seed(seed))
+    t = torch.tensor([T])
+    p_c = torch.softmax(exact.p_logits(x_init[:1], t, cond[:1]).double(), -1).flatten()
+    p_u = torch.softmax(exact.p_logits(x_init[:1], t, None).double(), -1).flatten()
+    return traj["x_t"][1].flatten(), p_c, p_u
+
+
+P_COND, P_UNCOND = [0.7, 0.2, 0.1], [0.15, 0.25, 0.6]
+
+
+def test_guidance_moves_samples_towards_the_conditional_and_away_from_the_unconditional():
+    """The class the conditional prediction favours (0) gains probability as w grows, the one
+    the unconditional favours (2) loses it. All probabilities here are > 0.01, so the eps floor
+    plays no part: this holds before and after the guidance fix of issue 11."""
+    freq = []
+    for w in (0.0, 1.0, 3.0):
+        x, p_c, p_u = _guided_first_step(P_COND, P_UNCOND, w)
+        freq.append(torch.bincount(x, minlength=3).double() / len(x))
+    assert float(p_c[0]) > float(p_u[0]) and float(p_c[2]) < float(p_u[2])
+    assert float(freq[0][0]) + 0.03 < float(freq[1][0]) and float(freq[1][0]) + 0.03 < float(freq[2][0])
+    assert float(freq[0][2]) > float(freq[1][2]) + 0.01 > float(freq[2][2]) + 0.01
+
+
+@pytest.mark.parametrize("w", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("same", [False, True], ids=["differ", "identical"])
+def test_guided_step_samples_the_tilted_law(w, same):
+    """One guided step samples ∝ p_c^{1+w} p_u^{-w}, with p_c, p_u the step's eps-free p_θ given
+    the label and without it; identical predictions give the unguided law at every w. All
+    probabilities are > 0.01 (the eps floor is invisible), so this passes before and after the
+    guidance fix of issue 11."""
+    x, p_c, p_u = _guided_first_step(P_COND, P_COND if same else P_UNCOND, w, seed=13)
+    assert float(torch.cat([p_c, p_u]).min()) > 0.01
+    want = p_c ** (1 + w) * p_u ** (-w)
+    assert chisquare_pvalue(x, want) > 1e-4, (w, torch.bincount(x, minlength=3) / len(x), want / want.sum())
+    if not same and w > 0:   # power: the unguided law and the w-only tilt are rejected
+        assert chisquare_pvalue(x, p_c) < 1e-6
+        assert chisquare_pvalue(x, p_c ** w * p_u ** (-w)) < 1e-6
+
+
+def test_guided_last_step_is_the_argmax_of_the_tilted_x0_prediction():
+    """At t = 1 the output is argmax of (1+w) log p̃_c - w log p̃_u: for these predictions 0 at
+    w = 0 and 1 at w = 2 (the flipped sign would give 2)."""
+    K, B = 3, 8
+    model = TwoPredictions([0.5, 0.4, 0.1], [0.6, 0.1, 0.3])
+    d3pm = process(K=K, T=1, model=model)
+    x_1 = torch.randint(0, K, (B, 1, 1, 2), generator=torch.Generator().manual_seed(14))
+    cond = torch.ones(B, dtype=torch.long)
+    for w, want in [(0.0, 0), (2.0, 1)]:
+        out = d3pm.sample(x_1.shape, cond, guidance=w, x_init=x_1,
+                          generator=torch.Generator().manual_seed(15))
+        assert bool((out == want).all()), (w, out.flatten().tolist())
+
+
+@pytest.mark.parametrize("w", [1.0, 3.0])
+def test_guidance_never_changes_a_decoded_absorbing_pixel(w):
+    """Fails on the pre-fix main (issue 11, point 1): guidance must tilt the eps-free p_θ, under
+    which a decoded pixel of the absorbing process stays as it is with probability one. Here
+    p̃(·|c) = (·, 0.9, 0.1, ·) and p̃(·|∅) ≈ δ_1 at a decoded pixel x_t = 1 (K = 4, [MASK] = 4),
+    checked on every step x_t -> x_{t-1} with t > 1."""
+    K, T, N = 4, 10, 3000
+    model = TwoPredictions([1e-4, 0.9, 0.1, 1e-4], [1e-4, 1 - 3e-4, 1e-4, 1e-4])
+    d3pm = process("absorbing", K=K, T=T, model=model, absorbing_state="mask")
+    x_init = torch.where(torch.arange(N) % 2 == 0, 1, K).view(N, 1, 1, 1)
+    _, traj = d3pm.sample(x_init.shape, torch.zeros(N, dtype=torch.long), guidance=w,
+                          return_trajectory=True, x_init=x_init,
+                          generator=torch.Generator().manual_seed(16))
+    states = traj["x_t"][:-1].flatten(1)     # (T, N): x_T .. x_1 (the step to x_0 takes the
+    decoded = states[:-1] != K               # argmax of the tilted p̃, which may differ)
+    changed = decoded & (states[1:] != states[:-1])
+    assert int(changed.sum()) == 0, f"{int(changed.sum())} decoded pixels changed value"

@@ -422,3 +422,386 @@ def test_guidance_never_changes_a_decoded_absorbing_pixel(w):
     decoded = states[:-1] != K               # argmax of the tilted p̃, which may differ)
     changed = decoded & (states[1:] != states[:-1])
     assert int(changed.sum()) == 0, f"{int(changed.sum())} decoded pixels changed value"
+
+
+# ================================================================================================
+# 3. The training loop, through train() on a toy: 16 training and 12 test "images" of 2 x 2
+#    pixels, K = 4, whose pixels spell the image's id in base 4 (train ids 0..15, test ids
+#    100..111; label = id % 3), and a tiny network that records every call it gets.
+# ================================================================================================
+
+K_TOY, NUM_LABELS = 4, 3
+TRAIN_IDS, TEST_IDS = torch.arange(16), torch.arange(100, 112)
+DIGITS = torch.tensor([64, 16, 4, 1])
+
+
+def encode(ids):
+    return torch.stack([(ids // d) % K_TOY for d in DIGITS], 1).view(-1, 1, 2, 2)
+
+
+def decode(x):
+    return (x.reshape(len(x), 4) * DIGITS).sum(1)
+
+
+def toy_data(cfg):
+    return R.Data(encode(TRAIN_IDS), TRAIN_IDS % NUM_LABELS, encode(TEST_IDS), TEST_IDS % NUM_LABELS,
+                  num_labels=NUM_LABELS)
+
+
+class Recorder(list):
+    """A list shared by a network and its deep copies (the EMA)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class TinyNet(nn.Module):
+    """logits = scale (W_pix[x_t] + W_lab[label] + t/T w_t): label num_labels (or None) is the
+    null class. `idle` gets an exactly zero gradient, so only weight decay moves it. Each call is
+    recorded with the weights it ran with and whether gradients were on (training)."""
+
+    def __init__(self, cfg, data, recorder, scale=1.0):
+        super().__init__()
+        K, S = cfg.num_classes, cfg.num_classes + (cfg.transition == "absorbing"
+                                                   and cfg.absorbing_state == "mask")
+        self.T, self.K, self.num_labels, self.scale = cfg.num_timesteps, K, data.num_labels, scale
+        self.pixel = nn.Parameter(0.5 * torch.randn(S, K))
+        self.label = nn.Parameter(0.5 * torch.randn(data.num_labels + 1, K))
+        self.time = nn.Parameter(0.5 * torch.randn(K))
+        self.idle = nn.Parameter(torch.ones(3))
+        self.recorder = recorder
+
+    def forward(self, x_t, t, cond=None):
+        B = x_t.shape[0]
+        if cond is None:
+            cond = torch.full((B,), self.num_labels, dtype=torch.long)
+        self.recorder.append({"net": self, "train": torch.is_grad_enabled(), "x_t": x_t.clone(),
+                              "t": t.clone(), "cond": cond.clone(),
+                              "params": {n: p.detach().clone() for n, p in self.named_parameters()}})
+        view = (B,) + (1,) * (x_t.dim() - 1) + (self.K,)
+        logits = (self.pixel[x_t] + self.label[cond].view(view)
+                  + (t.float() / self.T).view(view[:-1] + (1,)) * self.time + 0.0 * self.idle.sum())
+        return self.scale * logits
+
+
+class ToyRun:
+    """What one train() run did: the network calls, the d3pm calls (forward, sample,
+    nll_bpd_terms, nll_bpd), the initial weights, the checkpoint and the metrics."""
+
+    def __init__(self, cfg, result, calls, d3pm_calls, nets):
+        self.cfg, self.result, self.calls, self.d3pm = cfg, result, calls, d3pm_calls
+        self.net = nets[0]
+        self.train_calls = [c for c in calls if c["train"]]
+        self.ckpt = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=True)
+        with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
+            self.rows = [json.loads(line) for line in f]
+
+    def ema_params(self):
+        ema = self.ckpt["ema"]
+        return {n: ema[k] for n in self.ckpt["model"] for k in ema if k.endswith("module." + n)}
+
+
+def toy_config(out, **overrides):
+    values = dict(dataset="mnist", num_classes=K_TOY, num_timesteps=4, transition="uniform",
+                  batch_size=4, train_steps=4, lr=0.05, warmup_steps=1, grad_clip=1e6,
+                  weight_decay=0.0, ema_decay=0.7, label_dropout=0.0, log_every=1, eval_every=0,
+                  checkpoint_every=1000, num_samples=3, sample_steps=0, guidance=0.0,
+                  eval_images=5, out=str(out), device="cpu", seed=0)
+    values.update(overrides)
+    return R.Config(**values)
+
+
+def run_toy(monkeypatch, out, data=toy_data, scale=1.0, **overrides):
+    """train() on the toy with a recording network and a d3pm whose public methods record their
+    calls. Returns a ToyRun."""
+    cfg = toy_config(out, **overrides)
+    calls, nets, d3pm_calls = Recorder(), [], {"forward": [], "sample": [], "terms": [], "nll": []}
+    real_build_d3pm = R.build_d3pm
+
+    def build_model(cfg, data):
+        nets.append(TinyNet(cfg, data, calls, scale))
+        return nets[-1]
+
+    def build_d3pm(cfg, net):
+        d3pm = real_build_d3pm(cfg, net)
+        forward, sample = d3pm.forward, d3pm.sample
+        terms, nll = d3pm.nll_bpd_terms, d3pm.nll_bpd
+
+        def forward_spy(x_0, cond=None):
+            loss, info = forward(x_0, cond)
+            d3pm_calls["forward"].append({"x_0": x_0.clone(), "cond": None if cond is None else cond.clone(),
+                                          "loss": float(loss.detach()), "vb": float(info["vb"]),
+                                          "ce": float(info["ce"])})
+            return loss, info
+
+        def sample_spy(shape, cond=None, steps=None, *args, **kwargs):
+            d3pm_calls["sample"].append({"net": d3pm.x0_model, "shape": tuple(shape), "cond": cond,
+                                         "steps": steps, "guidance": kwargs.get("guidance", 0.0)})
+            return sample(shape, cond, steps, *args, **kwargs)
+
+        def terms_spy(x_0, cond=None, *args, **kwargs):
+            d3pm_calls["terms"].append({"net": d3pm.x0_model, "x_0": x_0.clone(), "cond": cond})
+            return terms(x_0, cond, *args, **kwargs)
+
+        def nll_spy(x_0, cond=None, **kwargs):
+            out = nll(x_0, cond, **kwargs)
+            d3pm_calls["nll"].append({"x_0": x_0.clone(), "cond": cond, "out": out.clone()})
+            return out
+
+        d3pm.forward, d3pm.sample, d3pm.nll_bpd_terms, d3pm.nll_bpd = forward_spy, sample_spy, terms_spy, nll_spy
+        return d3pm
+
+    monkeypatch.setattr(R, "build_d3pm", build_d3pm)
+    result = R.train(cfg, build_data=data, build_model=build_model, log=lambda *a, **k: None)
+    monkeypatch.setattr(R, "build_d3pm", real_build_d3pm)
+    return ToyRun(cfg, result, calls, d3pm_calls, nets)
+
+
+def same(a, b):
+    """Two sets of weights agree (to float32 rounding of the EMA arithmetic)."""
+    return all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-6) for n in a)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_label_dropout_replaces_labels_by_the_null_class_at_its_rate(monkeypatch, tmp_path, rate):
+    """Each training label becomes the null label (num_labels) with probability label_dropout,
+    independently; every other label is the image's own. The network gets those labels."""
+    run = run_toy(monkeypatch, tmp_path, label_dropout=rate, batch_size=16, train_steps=50,
+                  log_every=50)
+    fwd = run.d3pm["forward"]
+    assert len(fwd) == 50 and len(run.train_calls) == 50
+    x_0, cond = torch.cat([f["x_0"] for f in fwd]), torch.cat([f["cond"] for f in fwd])
+    true = decode(x_0) % NUM_LABELS
+    dropped = cond == NUM_LABELS
+    assert torch.equal(cond[~dropped], true[~dropped])
+    frac = float(dropped.double().mean())                  # 800 labels: sd 0.016 at rate 0.3
+    assert abs(frac - rate) < 0.065, frac
+    for f, c in zip(fwd, run.train_calls):
+        assert torch.equal(c["cond"], f["cond"])
+
+
+def test_each_epoch_shows_every_training_image_once_in_a_new_order(monkeypatch, tmp_path):
+    run = run_toy(monkeypatch, tmp_path, train_steps=8, batch_size=4, log_every=8)
+    ids = [decode(f["x_0"]) for f in run.d3pm["forward"]]
+    epochs = [torch.cat(ids[:4]), torch.cat(ids[4:])]
+    for e in epochs:
+        assert sorted(e.tolist()) == TRAIN_IDS.tolist()
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_batch_indices_cover_each_epoch_and_change_order_across_epochs():
+    n, bs = 12, 4
+    for seed in (0, 3):
+        epochs = [torch.cat([R.batch_indices(e * 3 + i, n, bs, seed) for i in range(3)])
+                  for e in range(3)]
+        for e in epochs:
+            assert sorted(e.tolist()) == list(range(n))
+        assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+        assert torch.equal(R.batch_indices(4, n, bs, seed), R.batch_indices(4, n, bs, seed))
+    assert not torch.equal(R.batch_indices(0, n, bs, 0), R.batch_indices(0, n, bs, 3))
+    # an epoch that does not divide: no index twice within it
+    e = torch.cat([R.batch_indices(i, 10, 3, 0) for i in range(3)])
+    assert len(set(e.tolist())) == 9
+    # a batch larger than the data set holds every index
+    assert set(R.batch_indices(0, 5, 12, 0).tolist()) == set(range(5))
+
+
+def test_augment_is_applied_to_each_batch_with_its_step(monkeypatch, tmp_path):
+    class ShiftedData(R.Data):
+        def augment(self, x, step):
+            return (x + step) % K_TOY
+
+    def data(cfg):
+        d = toy_data(cfg)
+        return ShiftedData(d.train_x, d.train_y, d.test_x, d.test_y, d.num_labels)
+
+    run = run_toy(monkeypatch, tmp_path, data=data, train_steps=5, log_every=5)
+    for step, f in enumerate(run.d3pm["forward"]):
+        idx = R.batch_indices(step, 16, 4, 0)
+        assert torch.equal(f["x_0"], (encode(TRAIN_IDS[idx]) + step) % K_TOY), step
+
+
+def _loss_grad(run, call, fwd):
+    """The gradient of the batch-mean loss at the weights, (t, x_t) and labels of one training
+    step, recomputed on a fresh copy of the network."""
+    net = TinyNet(run.cfg, toy_data(run.cfg), Recorder(), run.net.scale)
+    net.load_state_dict(call["params"])
+    d3pm = R.build_d3pm(run.cfg, net)
+    loss = d3pm.loss_terms(fwd["x_0"], call["x_t"], call["t"], fwd["cond"])["loss"].mean()
+    torch.testing.assert_close(float(loss), fwd["loss"], rtol=1e-5, atol=1e-6)
+    return dict(zip([n for n, _ in net.named_parameters()], torch.autograd.grad(loss, list(net.parameters()))))
+
+
+@pytest.mark.parametrize("grad_clip", [0.01, 1e6])
+def test_adam_receives_the_clipped_gradient_of_the_batch_loss(monkeypatch, tmp_path, grad_clip):
+    """After two steps Adam's first moment is 0.1 (0.9 g_1 + g_2), g_k the gradient of the
+    step's batch-mean loss scaled to global norm <= grad_clip (fresh at each step), and the
+    optimizer has counted two steps."""
+    run = run_toy(monkeypatch, tmp_path, scale=30.0, train_steps=2, grad_clip=grad_clip,
+                  label_dropout=0.3)
+    names = list(run.ckpt["model"])
+    clipped = []
+    for call, fwd in zip(run.train_calls, run.d3pm["forward"]):
+        g = _loss_grad(run, call, fwd)
+        norm = float(torch.sqrt(sum((v ** 2).sum() for v in g.values())))
+        if grad_clip < 1:
+            assert norm > 4 * grad_clip   # the clip does bite
+        clipped.append({n: v * min(1.0, grad_clip / (norm + 1e-6)) for n, v in g.items()})
+    state = run.ckpt["optimizer"]["state"]
+    for i, n in enumerate(names):
+        want = 0.1 * (0.9 * clipped[0][n] + clipped[1][n])
+        torch.testing.assert_close(state[i]["exp_avg"], want, rtol=1e-4, atol=1e-7)
+        assert float(state[i]["step"]) == 2
+
+
+def test_warmup_scales_the_learning_rate_of_each_step(monkeypatch, tmp_path):
+    """lr at step s (0-based) is lr min(1, (s+1)/warmup): the first Adam step moves each
+    weight by lr/warmup, and the logged lr after k steps is that of step k."""
+    lr, W = 0.05, 4
+    run = run_toy(monkeypatch, tmp_path, lr=lr, warmup_steps=W, train_steps=6)
+    logged = [r["lr"] for r in run.rows if "lr" in r]
+    assert logged == pytest.approx([lr * min(1.0, (k + 1) / W) for k in range(1, 7)], rel=1e-6)
+    w0, w1 = run.train_calls[0]["params"], run.train_calls[1]["params"]
+    moved = (w1["pixel"] - w0["pixel"]).abs()
+    assert float(moved.max()) == pytest.approx(lr / W, rel=1e-3)
+    assert float(moved.min()) > 0.9 * lr / W   # every entry has a gradient here
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_weight_decay_shrinks_weights_that_get_no_gradient(monkeypatch, tmp_path, weight_decay):
+    lr = 0.1
+    run = run_toy(monkeypatch, tmp_path, lr=lr, weight_decay=weight_decay, train_steps=3)
+    want = torch.full((3,), (1 - lr * weight_decay) ** 3)
+    torch.testing.assert_close(run.ckpt["model"]["idle"], want)
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """4 steps with EMA decay 0.7, samples after step 2 (eval_every) and at the end, NLL on 5
+    test images in two batches, guidance 1 with 2 sampling steps."""
+    with pytest.MonkeyPatch.context() as mp:
+        return run_toy(mp, tmp_path_factory.mktemp("ema"), lr=0.1, train_steps=4, eval_every=2,
+                       ema_decay=0.7, num_samples=6, sample_steps=2, guidance=1.0,
+                       label_dropout=0.3, eval_images=5, log_every=2)
+
+
+def _ema_after(run, k, decay):
+    """EMA weights after k steps: e_1 = w_1 (torch's AveragedModel copies the first), then
+    e_j = d e_{j-1} + (1-d) w_j; w_j = the weights after step j."""
+    after = [c["params"] for c in run.train_calls[1:]] + [run.ckpt["model"]]
+    e = dict(after[0])
+    for w in after[1:k]:
+        e = {n: decay * e[n] + (1 - decay) * w[n] for n in e}
+    return e
+
+
+def test_each_step_updates_the_weights_and_the_step_count(ema_run):
+    run = ema_run
+    assert len(run.train_calls) == 4 and run.ckpt["step"] == 4 and run.result["step"] == 4
+    seen = [c["params"] for c in run.train_calls] + [run.ckpt["model"]]
+    for a, b in zip(seen, seen[1:]):
+        assert all(not torch.equal(a[n], b[n]) for n in ("pixel", "label", "time"))
+
+
+def test_ema_weights_follow_the_decay_recursion(ema_run):
+    want = _ema_after(ema_run, 4, 0.7)
+    got = ema_run.ema_params()
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+    assert not same(got, ema_run.ckpt["model"])
+
+
+def test_sampling_and_evaluation_run_on_the_ema_weights(ema_run):
+    """Every network call without gradients (samples after step 2, final samples, test NLL) runs
+    on the EMA weights of that moment, never on the raw weights."""
+    run = ema_run
+    no_grad = [c for c in run.calls if not c["train"]]
+    assert no_grad and all(c["net"] is not run.net for c in no_grad)
+    mid, end = _ema_after(run, 2, 0.7), run.ema_params()
+    raw_mid = run.train_calls[2]["params"]
+    n_mid = sum(same(c["params"], mid) for c in no_grad)
+    n_end = sum(same(c["params"], end) for c in no_grad)
+    assert n_mid > 0 and n_mid + n_end == len(no_grad)
+    assert not same(mid, raw_mid) and not same(end, run.ckpt["model"])
+    assert all(s["net"] is not run.net for s in run.d3pm["sample"] + run.d3pm["terms"])
+
+
+def test_samples_use_the_configured_steps_guidance_and_real_labels(ema_run):
+    """draw_samples passes sample_steps, guidance and labels of every class 0..num_labels-1;
+    with guidance each step also calls the network with the null label."""
+    run = ema_run
+    assert len(run.d3pm["sample"]) >= 2          # after step 2 and at the end
+    for s in run.d3pm["sample"]:
+        assert s["steps"] == 2 and s["guidance"] == 1.0
+    final = [s for s in run.d3pm["sample"]][-len(run.d3pm["sample"]) // 2:]
+    labels = torch.cat([s["cond"] for s in final])
+    assert len(labels) == 6 and sorted(set(labels.tolist())) == [0, 1, 2]
+    sample_calls = [c for c in run.calls if not c["train"] and c["x_t"].shape[1:] == (1, 2, 2)
+                    and sorted(set(c["t"].tolist())) in ([4], [1])]
+    assert any(bool((c["cond"] == NUM_LABELS).all()) for c in sample_calls)
+
+
+def test_logged_losses_are_means_over_the_logging_window(ema_run):
+    run = ema_run
+    rows = [r for r in run.rows if "vb_bpd" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    fwd = run.d3pm["forward"]
+    for r, window in zip(rows, (fwd[:2], fwd[2:])):
+        for key, name in (("loss", "loss"), ("vb_bpd", "vb"), ("ce_bpd", "ce")):
+            assert r[key] == pytest.approx(sum(f[name] for f in window) / 2, rel=1e-5), key
+
+
+@pytest.mark.parametrize("eval_images", [5, 30])
+def test_test_nll_is_the_bound_on_the_first_eval_images_test_images(monkeypatch, tmp_path,
+                                                                     eval_images):
+    """The final NLL evaluates the first min(eval_images, #test) TEST images (with their labels,
+    or the null label), each once per bound, and reports the mean of their bounds."""
+    run = run_toy(monkeypatch, tmp_path, eval_images=eval_images, batch_size=4, train_steps=2)
+    n = min(eval_images, len(TEST_IDS))
+    by_kind = {}
+    for c in run.d3pm["terms"]:
+        ids = decode(c["x_0"])
+        conditional = c["cond"] is not None and bool((c["cond"] < NUM_LABELS).all())
+        if conditional:
+            assert torch.equal(c["cond"], ids % NUM_LABELS)
+        else:
+            assert c["cond"] is None or bool((c["cond"] == NUM_LABELS).all())
+        by_kind.setdefault(conditional, []).append(ids)
+    assert by_kind
+    for ids in by_kind.values():
+        assert sorted(torch.cat(ids).tolist()) == TEST_IDS[:n].tolist()
+    reported = [v for k, v in run.result.items() if isinstance(v, float) and "nll" in k]
+    for conditional in by_kind:
+        outs = [c["out"] for c in run.d3pm["nll"]
+                if (c["cond"] is not None and bool((c["cond"] < NUM_LABELS).all())) == conditional]
+        mean = float(torch.cat(outs).double().mean())
+        assert any(v == pytest.approx(mean, rel=1e-5) for v in reported), (mean, run.result)
+    assert run.result["eval_images"] == n
+
+
+@pytest.mark.parametrize("transition,absorbing_state,schedule", [
+    ("uniform", "mask", "default"), ("absorbing", "mask", "default"),
+    ("absorbing", "grey", "cosine"), ("gaussian", "mask", "default")])
+@pytest.mark.parametrize("loss_type", ["hybrid", "vb", "ce"])
+def test_build_d3pm_builds_the_configured_process_and_loss(transition, absorbing_state, schedule,
+                                                           loss_type):
+    K, T = 4, 5
+    cfg = R.Config(num_classes=K, num_timesteps=T, transition=transition, schedule=schedule,
+                   absorbing_state=absorbing_state, loss_type=loss_type, hybrid_coeff=0.25,
+                   eps=1e-4)
+    mask = transition == "absorbing" and absorbing_state == "mask"
+    model = TableModel(K + mask, K, T)
+    got = R.build_d3pm(cfg, model)
+    want = R.D3PM(model, T, K, transition, loss_type=loss_type, hybrid_coeff=0.25, eps=1e-4,
+                  schedule=None if schedule == "default" else schedule,
+                  absorbing_state="mask" if mask else None)
+    for t in (1, 3, T):
+        torch.testing.assert_close(got.Q_bar_matrix(t), want.Q_bar_matrix(t))
+    g = torch.Generator().manual_seed(17)
+    x_0 = torch.randint(0, K, (6, 1, 2, 2), generator=g)
+    t = torch.tensor([1, 2, 3, 4, 5, 5])
+    x_t = want.q_sample(x_0, t, generator=g)
+    for key, value in want.loss_terms(x_0, x_t, t).items():
+        torch.testing.assert_close(got.loss_terms(x_0, x_t, t)[key], value)
+    torch.testing.assert_close(got.prior_bpd(x_0), want.prior_bpd(x_0))

@@ -178,6 +178,12 @@ def test_loss_terms_are_L0_at_t1_and_the_kl_elsewhere_with_the_hybrid_weight(tra
     torch.testing.assert_close(terms["ce"].double(), ce, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(terms["vb"].double(), want_vb, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(terms["loss"].double(), want_vb + 0.3 * ce, atol=2e-5, rtol=2e-5)
+    for loss_type, want in (("vb", want_vb), ("ce", ce)):   # L_vb alone, the x_0 CE alone
+        alone = process(transition, K=K, T=T, model=model, eps=0.0, loss_type=loss_type,
+                        schedule=torch.linspace(0.2, 0.5, T, dtype=F64),
+                        absorbing_state=absorbing_state)
+        torch.testing.assert_close(alone.loss_terms(x_0, x_t, t, labels)["loss"].double(), want,
+                                   atol=2e-5, rtol=2e-5)
     assert bool((kl[t > 1] > 1e-3).all()) and bool((want_vb - ce).abs()[t > 1].min() > 1e-3)
 
 
@@ -230,6 +236,36 @@ def test_full_bound_uses_every_t_once_and_adds_the_prior():
     assert float(d3pm.prior_bpd(x_0).min()) > 0.01   # the prior is not negligible here
 
 
+def test_nll_estimate_is_unbiased_over_its_random_timesteps():
+    """With every x_t fixed (x_t_per_t), the only randomness of nll_bpd_estimate is which
+    timesteps it evaluates; its mean over many draws is the full bound, and over those draws it
+    evaluates every t in 1..T, never one twice in a call."""
+    K, T, B, num_t, draws = 4, 8, 2, 4, 300
+    model = TableModel(K, K, T, scale=2.0)
+    d3pm = process(K=K, T=T, model=model, schedule=torch.linspace(0.1, 0.5, T, dtype=F64))
+    g = torch.Generator().manual_seed(18)
+    x_0 = torch.randint(0, K, (B, 1, 2, 2), generator=g)
+    x_t_per_t = torch.stack([d3pm.q_sample(x_0, torch.full((B,), t), generator=g)
+                             for t in range(1, T + 1)])
+    full = d3pm.nll_bpd(x_0, x_t_per_t=x_t_per_t).double()
+    estimates, seen = [], set()
+    for seed in range(draws):
+        model.calls.clear()
+        est, _ = d3pm.nll_bpd_estimate(x_0, num_t=num_t, x_t_per_t=x_t_per_t,
+                                       generator=torch.Generator().manual_seed(seed))
+        ts = torch.cat([c["t"].view(-1, B)[:, 0] for c in model.calls]).tolist()
+        assert len(ts) == len(set(ts)) == num_t, ts
+        seen.update(ts)
+        estimates.append(est.double())
+    assert seen == set(range(1, T + 1))
+    estimates = torch.stack(estimates)
+    stderr = estimates.std(0) / math.sqrt(draws)
+    assert bool((stderr > 0).all())
+    assert bool(((estimates.mean(0) - full).abs() < 4 * stderr + 1e-6).all()), (estimates.mean(0), full, stderr)
+    est, _ = d3pm.nll_bpd_estimate(x_0, num_t=T, x_t_per_t=x_t_per_t)
+    torch.testing.assert_close(est.double(), full, atol=1e-5, rtol=1e-5)
+
+
 # ================================================================================================
 # 2. The sampler
 # ================================================================================================
@@ -276,12 +312,15 @@ def test_sampler_visits_its_grid_and_calls_the_network_with_each_t_and_label(ste
         assert all(torch.equal(c["x_t"], traj["x_t"][i]) for c in calls)
         given = [c for c in calls if c["cond"] is not None and bool((c["cond"] < 3).all())]
         assert len(given) == 1 and torch.equal(given[0]["cond"], labels)
+        # x̃_0 prediction: argmax of the network's logits at this step; with guidance, of the
+        # tilted (1+w) log p̃(·|c) - w log p̃(·|∅)
+        logits = F.log_softmax(model.table[t, traj["x_t"][i], labels.view(-1, 1, 1, 1)], -1)
         if guidance > 0:   # the other call is unconditional: cond None or the null label
             (other,) = [c for c in calls if c is not given[0]]
             assert other["cond"] is None or bool((other["cond"] == 3).all())
-        else:              # x̃_0 prediction: argmax of the network's logits at this step
-            logits = model.table[t, traj["x_t"][i], labels.view(-1, 1, 1, 1)]
-            assert torch.equal(traj["x0_pred"][i], logits.argmax(-1))
+            uncond = F.log_softmax(model.table[t, traj["x_t"][i], 3], -1)
+            logits = (1 + guidance) * logits - guidance * uncond
+        assert torch.equal(traj["x0_pred"][i], logits.argmax(-1))
 
 
 @pytest.mark.parametrize("transition", ["uniform", "absorbing", "gaussian"])
@@ -628,7 +667,7 @@ def _loss_grad(run, call, fwd):
     net.load_state_dict(call["params"])
     d3pm = R.build_d3pm(run.cfg, net)
     loss = d3pm.loss_terms(fwd["x_0"], call["x_t"], call["t"], fwd["cond"])["loss"].mean()
-    torch.testing.assert_close(float(loss), fwd["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(float(loss.detach()), fwd["loss"], rtol=1e-5, atol=1e-6)
     return dict(zip([n for n, _ in net.named_parameters()], torch.autograd.grad(loss, list(net.parameters()))))
 
 
@@ -677,10 +716,11 @@ def test_weight_decay_shrinks_weights_that_get_no_gradient(monkeypatch, tmp_path
 
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory):
-    """4 steps with EMA decay 0.7, samples after step 2 (eval_every) and at the end, NLL on 5
-    test images in two batches, guidance 1 with 2 sampling steps."""
+    """5 steps with EMA decay 0.7, samples after steps 2 and 4 (eval_every) and at the end, NLL
+    on 5 test images in two batches, guidance 1 with 2 sampling steps, a log line every 2 steps
+    and at the end."""
     with pytest.MonkeyPatch.context() as mp:
-        return run_toy(mp, tmp_path_factory.mktemp("ema"), lr=0.1, train_steps=4, eval_every=2,
+        return run_toy(mp, tmp_path_factory.mktemp("ema"), lr=0.1, train_steps=5, eval_every=2,
                        ema_decay=0.7, num_samples=6, sample_steps=2, guidance=1.0,
                        label_dropout=0.3, eval_images=5, log_every=2)
 
@@ -697,14 +737,14 @@ def _ema_after(run, k, decay):
 
 def test_each_step_updates_the_weights_and_the_step_count(ema_run):
     run = ema_run
-    assert len(run.train_calls) == 4 and run.ckpt["step"] == 4 and run.result["step"] == 4
+    assert len(run.train_calls) == 5 and run.ckpt["step"] == 5 and run.result["step"] == 5
     seen = [c["params"] for c in run.train_calls] + [run.ckpt["model"]]
     for a, b in zip(seen, seen[1:]):
         assert all(not torch.equal(a[n], b[n]) for n in ("pixel", "label", "time"))
 
 
 def test_ema_weights_follow_the_decay_recursion(ema_run):
-    want = _ema_after(ema_run, 4, 0.7)
+    want = _ema_after(ema_run, 5, 0.7)
     got = ema_run.ema_params()
     assert got.keys() == want.keys()
     for n in want:
@@ -713,17 +753,16 @@ def test_ema_weights_follow_the_decay_recursion(ema_run):
 
 
 def test_sampling_and_evaluation_run_on_the_ema_weights(ema_run):
-    """Every network call without gradients (samples after step 2, final samples, test NLL) runs
-    on the EMA weights of that moment, never on the raw weights."""
+    """Every network call without gradients (samples after steps 2 and 4, final samples, test
+    NLL) runs on the EMA weights of that moment, never on the raw weights."""
     run = ema_run
     no_grad = [c for c in run.calls if not c["train"]]
     assert no_grad and all(c["net"] is not run.net for c in no_grad)
-    mid, end = _ema_after(run, 2, 0.7), run.ema_params()
-    raw_mid = run.train_calls[2]["params"]
-    n_mid = sum(same(c["params"], mid) for c in no_grad)
-    n_end = sum(same(c["params"], end) for c in no_grad)
-    assert n_mid > 0 and n_mid + n_end == len(no_grad)
-    assert not same(mid, raw_mid) and not same(end, run.ckpt["model"])
+    snapshots = [_ema_after(run, 2, 0.7), _ema_after(run, 4, 0.7), run.ema_params()]
+    raw = [run.train_calls[2]["params"], run.train_calls[4]["params"], run.ckpt["model"]]
+    used = [sum(same(c["params"], e) for c in no_grad) for e in snapshots]
+    assert all(n > 0 for n in used) and sum(used) == len(no_grad), used
+    assert not any(same(e, w) for e, w in zip(snapshots, raw))
     assert all(s["net"] is not run.net for s in run.d3pm["sample"] + run.d3pm["terms"])
 
 
@@ -731,10 +770,10 @@ def test_samples_use_the_configured_steps_guidance_and_real_labels(ema_run):
     """draw_samples passes sample_steps, guidance and labels of every class 0..num_labels-1;
     with guidance each step also calls the network with the null label."""
     run = ema_run
-    assert len(run.d3pm["sample"]) >= 2          # after step 2 and at the end
+    assert len(run.d3pm["sample"]) >= 3          # after steps 2 and 4, and at the end
     for s in run.d3pm["sample"]:
         assert s["steps"] == 2 and s["guidance"] == 1.0
-    final = [s for s in run.d3pm["sample"]][-len(run.d3pm["sample"]) // 2:]
+    final = run.d3pm["sample"][-len(run.d3pm["sample"]) // 3:]
     labels = torch.cat([s["cond"] for s in final])
     assert len(labels) == 6 and sorted(set(labels.tolist())) == [0, 1, 2]
     sample_calls = [c for c in run.calls if not c["train"] and c["x_t"].shape[1:] == (1, 2, 2)
@@ -745,11 +784,12 @@ def test_samples_use_the_configured_steps_guidance_and_real_labels(ema_run):
 def test_logged_losses_are_means_over_the_logging_window(ema_run):
     run = ema_run
     rows = [r for r in run.rows if "vb_bpd" in r]
-    assert [r["step"] for r in rows] == [2, 4]
+    assert [r["step"] for r in rows] == [2, 4, 5]
     fwd = run.d3pm["forward"]
-    for r, window in zip(rows, (fwd[:2], fwd[2:])):
+    for r, window in zip(rows, (fwd[:2], fwd[2:4], fwd[4:])):
         for key, name in (("loss", "loss"), ("vb_bpd", "vb"), ("ce_bpd", "ce")):
-            assert r[key] == pytest.approx(sum(f[name] for f in window) / 2, rel=1e-5), key
+            want = sum(f[name] for f in window) / len(window)
+            assert r[key] == pytest.approx(want, rel=1e-5), (r["step"], key)
 
 
 @pytest.mark.parametrize("eval_images", [5, 30])

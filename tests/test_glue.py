@@ -242,7 +242,7 @@ def test_full_bound_uses_every_t_once_and_adds_the_prior():
 def test_nll_estimate_is_unbiased_over_its_random_timesteps():
     """With every x_t fixed (x_t_per_t), the only randomness of nll_bpd_estimate is which
     timesteps it evaluates; its mean over many draws is the full bound, and over those draws it
-    evaluates every t in 1..T, never one twice in a call."""
+    evaluates every t in 1..T, num_t distinct ones per call."""
     K, T, B, num_t, draws = 4, 8, 2, 4, 300
     model = TableModel(K, K, T, scale=2.0)
     d3pm = process(K=K, T=T, model=model, schedule=torch.linspace(0.1, 0.5, T, dtype=F64))
@@ -257,7 +257,7 @@ def test_nll_estimate_is_unbiased_over_its_random_timesteps():
         est, _ = d3pm.nll_bpd_estimate(x_0, num_t=num_t, x_t_per_t=x_t_per_t,
                                        generator=torch.Generator().manual_seed(seed))
         ts = torch.cat([c["t"].view(-1, B)[:, 0] for c in model.calls]).tolist()
-        assert len(ts) == len(set(ts)) == num_t, ts
+        assert len(set(ts)) == num_t and set(ts) <= set(range(1, T + 1)), ts
         seen.update(ts)
         estimates.append(est.double())
     assert seen == set(range(1, T + 1))
@@ -332,20 +332,26 @@ def test_sampler_visits_its_grid_and_calls_the_network_with_each_t_and_label(ste
 
 @pytest.mark.parametrize("transition", ["uniform", "absorbing", "gaussian"])
 def test_last_step_returns_the_argmax_of_the_x0_prediction(transition):
-    """At t = 1 the sampler outputs argmax p̃_θ(x_0 | x_1): deterministic, no noise."""
+    """At t = 1 the sampler outputs an argmax, with no noise: of p̃_θ(x_0 | x_1) (the official
+    code's p_θ(x_0 | x_1)) or of eq. 4's p̃_θ(x_0 | x_1) Q_1[x_0, x_1]; either is accepted."""
     K, T, B = 5, 2, 300
     model = TableModel(K, K, T, scale=0.3)   # small logits: sampling would rarely hit argmax
     d3pm = process(transition, K=K, T=T, model=model)
     x_1 = torch.randint(0, K, (B, 1, 1, 4), generator=torch.Generator().manual_seed(9))
     labels = torch.arange(B) % 3
-    want = model.table[1, x_1, labels.view(-1, 1, 1, 1)].argmax(-1)
+
+    def argmaxes(d):
+        logits = d.x0_model.table[1, x_1, labels.view(-1, 1, 1, 1)]
+        log_Q1 = d.Q_matrix(1).clamp_min(1e-30).log().float()          # [x_0, x_1]
+        return logits.argmax(-1), (logits + log_Q1.T[x_1]).argmax(-1)
+
     for seed in (0, 1):
         got = d3pm.p_sample(x_1, 1, labels, generator=torch.Generator().manual_seed(seed))
-        assert torch.equal(got, want)
+        assert any(torch.equal(got, want) for want in argmaxes(d3pm)), seed
     d3pm_T1 = process(transition, K=K, T=1, model=TableModel(K, K, 1, scale=0.3))
     out = d3pm_T1.sample((B, 1, 1, 4), labels, generator=torch.Generator().manual_seed(2),
                          x_init=x_1)
-    assert torch.equal(out, d3pm_T1.x0_model.table[1, x_1, labels.view(-1, 1, 1, 1)].argmax(-1))
+    assert any(torch.equal(out, want) for want in argmaxes(d3pm_T1))
 
 
 @pytest.mark.parametrize("transition,absorbing_state", [("uniform", None), ("absorbing", "mask"),
@@ -459,7 +465,8 @@ def test_guidance_never_changes_a_decoded_absorbing_pixel(w):
     checked on every step x_t -> x_{t-1} with t > 1."""
     K, T, N = 4, 10, 3000
     model = TwoPredictions([1e-4, 0.9, 0.1, 1e-4], [1e-4, 1 - 3e-4, 1e-4, 1e-4])
-    d3pm = process("absorbing", K=K, T=T, model=model, absorbing_state="mask")
+    d3pm = process("absorbing", K=K, T=T, model=model, absorbing_state="mask",
+                   schedule=torch.linspace(0.1, 0.5, T, dtype=F64))   # β_T < 1: x_T may be decoded
     x_init = torch.where(torch.arange(N) % 2 == 0, 1, K).view(N, 1, 1, 1)
     _, traj = d3pm.sample(x_init.shape, torch.zeros(N, dtype=torch.long), guidance=w,
                           return_trajectory=True, x_init=x_init,
@@ -568,8 +575,8 @@ def run_toy(monkeypatch, out, data=toy_data, scale=1.0, **overrides):
         nets.append(TinyNet(cfg, data, calls, scale))
         return nets[-1]
 
-    def build_d3pm(cfg, net):
-        d3pm = real_build_d3pm(cfg, net)
+    def build_d3pm(cfg, net, *args, **kwargs):
+        d3pm = real_build_d3pm(cfg, net, *args, **kwargs)
         forward, sample = d3pm.forward, d3pm.sample
         terms, nll = d3pm.nll_bpd_terms, d3pm.nll_bpd
 

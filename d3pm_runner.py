@@ -530,7 +530,8 @@ class D3PM(nn.Module):
         def log_p(x0):  # log p_θ(x_s | x_t), unnormalised
             logits = self.q_posterior_logits(x0, x_t, tt, ss, self.eps if official else 0.0)
             if s == 0 and not official:     # q_posterior_logits gives p̃_θ alone at s = 0
-                logits = logits + log_or_zero(self._Q_column(x_t, tt, ss))
+                fact1 = self._Q_column(x_t, tt, ss)   # (an x_1 that q cannot reach: p̃_θ alone)
+                logits = logits + torch.where(fact1.amax(-1, keepdim=True) > 0, log_or_zero(fact1), 0.0)
             return logits
 
         x0 = self.model_logits(x_t, tt, cond)

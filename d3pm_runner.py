@@ -974,19 +974,18 @@ def save_previews(cfg, x, labels, preview, traj, png, gif):
 
 
 def write_samples(cfg, d3pm, net, data, device, tag):
-    """A PNG grid (a row per class) and a GIF of the reverse process into cfg.out."""
+    """cfg.num_samples samples: a PNG grid (a row per class) and a GIF of the reverse process
+    into cfg.out, named samples_{tag}.png and reverse_{tag}.gif. Returns (labels, x, png path)."""
     g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    shape = data.train_x.shape[1:]
     heart = cfg.dataset == "heart"
     labels, x, preview, traj = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples,
-                                            shape, device, g, trajectory=not heart)
+                                            data.train_x.shape[1:], device, g, trajectory=not heart)
+    path = os.path.join(cfg.out, f"{'heart' if heart else 'samples'}_{tag}.png")
     if heart:
-        path = os.path.join(cfg.out, f"heart_{tag}.png")
         save_points(data.test_x[:cfg.num_samples], x, cfg.num_classes, path)
-        return x, path
-    path = os.path.join(cfg.out, f"samples_{tag}.png")
-    save_previews(cfg, x, labels, preview, traj, path, os.path.join(cfg.out, f"reverse_{tag}.gif"))
-    return x, path
+    else:
+        save_previews(cfg, x, labels, preview, traj, path, os.path.join(cfg.out, f"reverse_{tag}.gif"))
+    return labels, x, path
 
 
 def test_bounds(cfg, d3pm, net, data, device):
@@ -1285,7 +1284,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
         checkpoint()  # --train-steps 0, or a resume that had nothing left to do
 
     # 6. at the end: samples from the EMA weights and the test NLL (full bound)
-    _, grid = write_samples(cfg, d3pm, ema.module, data, device, "final")
+    _, _, grid = write_samples(cfg, d3pm, ema.module, data, device, "final")
     result = {"step": step, **test_bounds(cfg, d3pm, ema.module, data, device),
               "train_seconds": round(time.time() - t_start, 1)}
     with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
@@ -1311,16 +1310,7 @@ def _check_ranks_agree(net, log):
 def evaluate_only(cfg, d3pm, net, data, device, log):
     """--sample-only: samples.pt + grid + GIF. --eval-only: both test bounds as one JSON line."""
     if cfg.sample_only:
-        g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        heart = cfg.dataset == "heart"
-        labels, x, preview, traj = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples,
-                                                data.train_x.shape[1:], device, g, trajectory=not heart)
-        if heart:
-            save_points(data.test_x[:cfg.num_samples], x, cfg.num_classes,
-                        os.path.join(cfg.out, "heart_samples.png"))
-        else:
-            save_previews(cfg, x, labels, preview, traj, os.path.join(cfg.out, "samples.png"),
-                          os.path.join(cfg.out, "reverse.gif"))
+        labels, x, _ = write_samples(cfg, d3pm, net, data, device, "only")
         torch.save({"images": x, "labels": labels}, os.path.join(cfg.out, "samples.pt"))
         log(f"wrote {len(x)} samples to {os.path.join(cfg.out, 'samples.pt')}")
     result = {}

@@ -161,9 +161,9 @@ def test_sample_only(trained, tmp_path, network_calls, steps):
     assert images.shape == (20, 1, 28, 28) and labels.shape == (20,)
     assert images.min() >= 0 and images.max() <= K - 1             # never the [MASK] state K
     assert labels.tolist() == [c for c in range(10) for _ in range(2)]
-    with Image.open(tmp_path / "samples.png") as png:
+    with Image.open(tmp_path / "samples_only.png") as png:
         png.load()
-    with Image.open(tmp_path / "reverse.gif") as gif:
+    with Image.open(tmp_path / "reverse_only.gif") as gif:
         assert gif.n_frames > 1
     # one network call per reverse step, from t = T down to t = 1 (guidance is 0: no second call)
     assert len(network_calls) == (T if steps is None else steps)

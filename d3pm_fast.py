@@ -221,14 +221,17 @@ class FastD3PM(D3PM):
                  else self.Q_matrix(t, s).T.float())         # row x_t = column x_t of Q_{s→t}
         fact1 = fact1.index_select(0, x_t.reshape(-1))
         with exact_float32(x_t.device):
-            fact2 = torch.softmax(logits, -1).view(-1, K) @ self.Q_bar[s]      # p̃_θ Q̄_s
-            p = fact2 * fact1
-        low = p.sum(-1) < 1e-25                                # float32 may have underflowed
-        if bool(low.any()):
-            redo = fact2[low].double() * fact1[low].double()
+            p = (torch.softmax(logits, -1).view(-1, K) @ self.Q_bar[s]).mul_(fact1)  # fact2 fact1
+        x_s, total = _draw_categorical(p, generator)
+        low = (total < 1e-25).nonzero().flatten()              # float32 may have underflowed
+        if len(low):                                           # redo those rows in float64
+            with exact_float32(x_t.device):
+                fact2 = torch.softmax(logits.reshape(-1, K)[low], -1) @ self.Q_bar[s]
+            redo = fact2.double() * fact1[low].double()
             top = redo.amax(-1, keepdim=True)  # 0 only if the prediction excludes x_t outright
-            p[low] = torch.where(top > 0, redo / top.clamp_min(1e-300), fact1[low].double()).float()
-        return _draw_categorical(p, generator)[0].view(x_t.shape), logits
+            redo = torch.where(top > 0, redo / top.clamp_min(1e-300), fact1[low].double())
+            x_s[low] = _draw_categorical(redo.float(), generator)[0]
+        return x_s.view(x_t.shape), logits
 
     # ------------------------------------------------------------------ helpers
     def _tune(self, device):

@@ -295,3 +295,27 @@ def test_gaussian_loss_gradient_and_matmul_precision_stay_float32(monkeypatch):
             assert not torch.equal(grad(), want)
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_gaussian_step_where_every_product_is_tiny():
+    """x_t far from a confident x̃_0 prediction at small t: every product q(x_t | x_s) (p̃_θ Q̄_s)
+    is below 1e-25 (down to ~1e-40: float32 products underflow, or flush to zero once
+    tune_cpu() ran). The fast step redoes those pixels in float64 and samples the parent's law,
+    its softmax of summed logs of the same float32 factors (without the redo, x_t = 23 fails)."""
+    K, T, N = 32, 10, 20000
+    d = FastD3PM(None, T, K, "gaussian", schedule=torch.linspace(0.002, 0.01, T, dtype=F64))
+    logits = torch.full((3, K), -200.0)
+    logits[:, 0] = 0.0                                          # p̃_θ = δ_0 in float32
+    d.x0_model = FixedLogits(logits)
+    x_t = torch.tensor([19, 22, 23]).repeat(N, 1).view(N, 1, 1, 3)
+    t, s, tt, ss = 6, 5, torch.tensor([6]), torch.tensor([5])
+    with torch.no_grad():
+        totals = d.Q_matrix(t)[:, x_t[0, 0, 0]].T * (torch.softmax(logits.double(), -1) @ d.Q_bar_matrix(s))
+        want = torch.softmax(d.q_posterior_logits(logits.view(1, 1, 1, 3, K), x_t[:1], tt, ss, eps=0.0)
+                             .double(), -1).view(3, K)
+    assert (totals.sum(-1) < 1e-25).all() and (totals.sum(-1) > 0).all()  # the case under test
+    g = torch.Generator().manual_seed(4)
+    for step in (d.reverse_step, lambda *a, **k: D3PM.reverse_step(d, *a, **k)):
+        x_s, _ = step(x_t, t, s, generator=g)
+        assert chisquare_pvalue(x_s.view(N, 3), want) > 1e-4
+    assert chisquare_pvalue(x_s.view(N, 3), want.roll(1, -1)) < 1e-6     # power

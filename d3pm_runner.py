@@ -9,13 +9,15 @@ term against the official JAX code (google-research/d3pm, `images/diffusion_cate
 
 Sections, in paper order:
   0. configuration: one dataclass of named defaults, presets, input validation
-  1. schedules and transition matrices Q_t          (paper §3.1, §3.2, App. A.2)
-  2. the D3PM class: forward process q               (eq. 1-3)
-     posterior q(x_{t-1}|x_t,x_0) and p_θ            (eq. 3, 4)
-     losses: L_vb, L_0, L_T, hybrid L_λ, NLL         (eq. 1, 5)
-     sampler                                         (§3.3)
+  1. schedules and transition matrices Q_t          (paper §3.1, §3.2, App. A)
+  2. the D3PM class, one method per equation: forward process q (eq. 2, 3), posterior
+     q(x_{t-1}|x_t,x_0) and p_θ (eq. 3, 4), the bound L_{t-1}, L_0, L_T and the hybrid loss
+     L_λ (eq. 1, 5), the full bound in bits/dim, the sampler with guidance (§3.3)
   3. the network (a small class-conditioned conv net; nothing in it is specific to D3PM)
   4. data, training loop and command line           (the last two may be skipped on first read)
+
+`d3pm_fast.py` (if present beside this file) holds FastD3PM, the same numbers faster, which
+the runner uses by default; `--no-fast`, or this file alone, runs the D3PM class below.
 
 Shape legend: B batch, C channels, H/W height/width, K = num_classes (values a pixel can take),
 S = num_states (K, or K+1 when the absorbing process has its own [MASK] state), T = num_timesteps.

@@ -295,3 +295,30 @@ def test_gaussian_loss_gradient_and_matmul_precision_stay_float32(monkeypatch):
             assert not torch.equal(grad(), want)
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("cls", [D3PM, FastD3PM], ids=["reference", "fast"])
+@pytest.mark.parametrize("transition,absorbing_state", CONFIGS[:3] + [("gaussian", None)],
+                         ids=CONFIG_IDS[:3] + ["gaussian"])
+def test_every_uniform_that_q_sample_and_the_sampler_draw_is_float64(cls, transition, absorbing_state):
+    """q_sample and every reverse step (one step and strided jumps) draw their uniforms in
+    float64: a float32 uniform is a multiple of 2^-24, so its Gumbel noise never exceeds 16.6
+    (classes 21 nats below the top are never drawn) and u < 1 - ᾱ_t fires with probability
+    2^-24 however small 1 - ᾱ_t is. Too rare to see by sampling; here each call is recorded."""
+    K, T = 5, 6
+    d = cls(FixedLogits(torch.randn(3, K)), T, K, transition, absorbing_state=absorbing_state)
+    dtypes, rand = [], torch.rand
+
+    def recording_rand(*args, **kwargs):
+        out = rand(*args, **kwargs)
+        dtypes.append(out.dtype)
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "rand", recording_rand)
+        x_0 = torch.randint(0, K, (4, 1, 1, 3), generator=g)
+        d.q_sample(x_0, torch.tensor([1, 2, 4, 6]), generator=g)
+        d.sample((4, 1, 1, 3), generator=g)
+        d.sample((4, 1, 1, 3), steps=3, generator=g)
+    assert len(dtypes) >= 2 and set(dtypes) == {torch.float64}, dtypes

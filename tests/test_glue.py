@@ -720,6 +720,27 @@ def test_warmup_scales_the_learning_rate_of_each_step(monkeypatch, tmp_path):
     assert float(moved.min()) > 0.9 * lr / W   # every entry has a gradient here
 
 
+def test_resumed_run_steps_with_the_new_lr_and_weight_decay_inside_the_warmup(monkeypatch, tmp_path):
+    """--lr and --weight-decay given with --resume take effect at the first resumed step, and
+    the warm-up goes on where it stopped: 2 steps at lr 0.05, then a resume to 5 steps at lr
+    0.02 and weight decay 0.1, warm-up 4: Adam steps with lr 0.05 (1/4, 2/4), then 0.02 (3/4,
+    4/4, 1), weight decay 0, 0, then 0.1."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step_spy(self, *args, **kwargs):
+        seen.append([(float(g["lr"]), float(g["weight_decay"])) for g in self.param_groups][0])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_spy)
+    run_toy(monkeypatch, tmp_path, lr=0.05, warmup_steps=4, train_steps=2, eval_images=0)
+    run_toy(monkeypatch, tmp_path, lr=0.02, weight_decay=0.1, warmup_steps=4, train_steps=5,
+            eval_images=0, resume=str(tmp_path / "checkpoint.pt"))
+    want = [(0.05 / 4, 0.0), (0.05 * 2 / 4, 0.0), (0.02 * 3 / 4, 0.1), (0.02, 0.1), (0.02, 0.1)]
+    assert [lr for lr, _ in seen] == pytest.approx([lr for lr, _ in want], rel=1e-6)
+    assert [wd for _, wd in seen] == [wd for _, wd in want]
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.5])
 def test_weight_decay_shrinks_weights_that_get_no_gradient(monkeypatch, tmp_path, weight_decay):
     lr = 0.1

@@ -322,3 +322,29 @@ def test_every_uniform_that_q_sample_and_the_sampler_draw_is_float64(cls, transi
         d.sample((4, 1, 1, 3), generator=g)
         d.sample((4, 1, 1, 3), steps=3, generator=g)
     assert len(dtypes) >= 2 and set(dtypes) == {torch.float64}, dtypes
+
+
+@pytest.mark.parametrize("transition,absorbing_state", CONFIGS, ids=CONFIG_IDS)
+def test_closed_form_loss_at_the_edges_of_its_eps_and_schedule(transition, absorbing_state):
+    """The closed form against the parent's explicit KL where its shortcuts are exposed:
+    (1) β_1 = β_2 = 1e-7, eps = 0, t = 2 with x_t ≠ x_0 (absorbing: x_t = m): q(x_1 | x_2, x_0) splits its mass
+    between x_0 and x_t in proportion to 1 - ᾱ_1, which float32 1 - ᾱ_1 gets 19 % wrong;
+    (2) a large eps = 0.05, where the terms that only eps feeds (the "other" classes of the
+    absorbing process) stop being negligible."""
+    K, B, D = 5, 4, 6
+    g = torch.Generator().manual_seed(11)
+    model = FixedLogits(torch.randn(B, 1, 1, D, K, generator=g))
+    model.forward = lambda x_t, t, cond=None: model.logits      # one logit table per example
+    edges = [(torch.tensor([1e-7, 1e-7, 0.5, 0.5], dtype=F64), 0.0, torch.full((B,), 2)),
+             (torch.linspace(0.05, 0.5, 4, dtype=F64), 0.05, torch.tensor([2, 3, 4, 4]))]
+    for schedule, eps, t in edges:
+        kw = dict(schedule=schedule, absorbing_state=absorbing_state, eps=eps)
+        d, ref = FastD3PM(model, 4, K, transition, **kw), D3PM(model, 4, K, transition, **kw)
+        x_0 = torch.randint(0, K, (B, 1, 1, D), generator=g)
+        x_t = (x_0 + 1 + torch.randint(0, K - 1, x_0.shape, generator=g)) % K  # ≠ x_0
+        if transition == "absorbing":                              # q reaches only x_0 and m
+            x_t.fill_(d.absorbing_state)
+        with torch.no_grad():
+            got, want = d.loss_terms(x_0, x_t, t), ref.loss_terms(x_0, x_t, t)
+        torch.testing.assert_close(got["vb"], want["vb"], atol=1e-5, rtol=1e-4)
+        assert float(want["vb"].min()) > 0.01                       # the KL is not negligible

@@ -348,3 +348,32 @@ def test_closed_form_loss_at_the_edges_of_its_eps_and_schedule(transition, absor
             got, want = d.loss_terms(x_0, x_t, t), ref.loss_terms(x_0, x_t, t)
         torch.testing.assert_close(got["vb"], want["vb"], atol=1e-5, rtol=1e-4)
         assert float(want["vb"].min()) > 0.01                       # the KL is not negligible
+
+
+def test_draw_categorical_keeps_a_tiny_probability_beside_a_large_one_in_its_block():
+    """Inside one block of 16 the running sum is float64 too: class 4 (1e-9) right after class
+    3 (0.5) keeps its CDF interval (a float32 sum 0.5 + 1e-9 = 0.5 would give it width 0)."""
+    K = 64
+    p = torch.zeros(2, K)
+    p[:, 3], p[:, 4], p[:, 50] = 0.5, 1e-9, 0.5
+    width = 1e-9 / (1.0 + 1e-9)
+    u = torch.tensor([0.5 / (1 + 1e-9) + 0.5 * width, 0.75], dtype=F64)
+    x, _ = _draw_categorical(p, u=u)
+    assert x.tolist() == [4, 50]
+
+
+def test_gaussian_step_where_every_float32_product_underflows():
+    """K = 256, x_t = 0, p̃_θ = δ_194, β = 0.01: fact1_j = Q_2[j, 0] and fact2_j = Q_1[194, j] are
+    both ~1e-26 where they overlap (j ≈ 97), so every float32 product fact1_j fact2_j is 0. The
+    step still samples the exact law ∝ fact1 fact2 (float64), centred on 97, like the parent."""
+    K, N = 256, 4000
+    logits = torch.full((1, K), -1e4)
+    logits[0, 194] = 0.0
+    d = FastD3PM(FixedLogits(logits), 2, K, "gaussian", schedule=torch.tensor([0.01, 0.01], dtype=F64))
+    want = d.Q_matrix(2)[:, 0] * d.Q_matrix(1)[194]
+    assert float(want.max()) < 1e-45                                # underflows float32
+    x_t = torch.zeros(N, 1, 1, 1, dtype=torch.long)
+    g = torch.Generator().manual_seed(4)
+    for step in (d.reverse_step, lambda *a, **k: D3PM.reverse_step(d, *a, **k)):
+        x_s, _ = step(x_t, 2, 1, generator=g)
+        assert chisquare_pvalue(x_s.view(N, 1), (want / want.sum()).view(1, K)) > 1e-4

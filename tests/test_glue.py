@@ -833,6 +833,44 @@ def test_logged_losses_are_means_over_the_logging_window(ema_run):
             assert r[key] == pytest.approx(want, rel=1e-5), (r["step"], key)
 
 
+def test_both_test_bounds_use_the_same_x_t_draws(tmp_path):
+    """test_bounds evaluates -log p(x) and -log p(x | y) on the same x_t draws: with a network
+    that ignores its label, the two bounds and their standard errors are equal to the bit."""
+    cfg = toy_config(tmp_path, label_dropout=0.1, eval_images=7, batch_size=4)
+    data = toy_data(cfg)
+    net = TinyNet(cfg, data, Recorder())
+    with torch.no_grad():
+        net.label.zero_()                                  # every label, null included, alike
+    result = R.test_bounds(cfg, R.build_d3pm(cfg, net), net, data, torch.device("cpu"))
+    assert result["nll_bpd"] is not None and result["nll_bpd_stderr"] > 0
+    assert result["nll_bpd"] == result["nll_bpd_given_label"]
+    assert result["nll_bpd_stderr"] == result["nll_bpd_given_label_stderr"]
+
+
+class LabelEcho:
+    """A stand-in for D3PM.sample whose every pixel is the label it was asked for."""
+    x0_model = None
+
+    def sample(self, shape, cond=None, steps=None, generator=None, return_trajectory=False,
+               guidance=0.0, progress=False):
+        x = cond.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
+        return (x, {"x_t": x[None]}) if return_trajectory else x
+
+
+def test_draw_samples_sorts_balances_and_pairs_labels_and_previews_ten_per_class(tmp_path):
+    """draw_samples: n = 40 labels 0,0,..,1,1,..,2,2 (14, 13, 13: as even as possible), sample i
+    drawn with label i, and the preview the first 10 of each class."""
+    cfg = toy_config(tmp_path, batch_size=4)
+    labels, x, preview, traj = R.draw_samples(cfg, LabelEcho(), None, NUM_LABELS, 40, (1, 2, 2),
+                                              torch.device("cpu"), None, trajectory=True)
+    assert labels.tolist() == sorted(labels.tolist())
+    assert sorted(torch.bincount(labels).tolist()) == [13, 13, 14]
+    assert torch.equal(x, labels.view(-1, 1, 1, 1).expand(40, 1, 2, 2))
+    first = [(labels == c).nonzero().flatten()[:10] for c in range(NUM_LABELS)]
+    assert torch.equal(preview, torch.cat(first))
+    assert torch.equal(traj["x_t"][0], x[preview])
+
+
 @pytest.mark.parametrize("eval_images", [5, 30])
 def test_test_nll_is_the_bound_on_the_first_eval_images_test_images(monkeypatch, tmp_path,
                                                                      eval_images):

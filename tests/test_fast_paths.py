@@ -377,3 +377,18 @@ def test_gaussian_step_where_every_float32_product_underflows():
     for step in (d.reverse_step, lambda *a, **k: D3PM.reverse_step(d, *a, **k)):
         x_s, _ = step(x_t, 2, 1, generator=g)
         assert chisquare_pvalue(x_s.view(N, 1), (want / want.sum()).view(1, K)) > 1e-4
+
+
+def test_gaussian_step_when_the_prediction_excludes_every_state_that_reaches_x_t():
+    """K = 256, β = 0.005, x_t = 0, p̃_θ = δ_255: in float32, fact1 = Q_2[:, 0] > 0 only for
+    j < 92 and fact2 = Q_1[255] > 0 only for j > 163, so every product is 0 even in float64.
+    The step then follows fact1 (it stays where x_t can be reached from), never fact2."""
+    K, N = 256, 2000
+    logits = torch.full((1, K), -1e4)
+    logits[0, 255] = 0.0
+    d = FastD3PM(FixedLogits(logits), 2, K, "gaussian", schedule=torch.tensor([0.005, 0.005], dtype=F64))
+    fact1 = d.Q_matrix(2)[:, 0].float().double()
+    assert float((fact1 * d.Q_matrix(1)[255].float().double()).max()) == 0.0
+    x_s, _ = d.reverse_step(torch.zeros(N, 1, 1, 1, dtype=torch.long), 2, 1,
+                            generator=torch.Generator().manual_seed(8))
+    assert chisquare_pvalue(x_s.view(N, 1), (fact1 / fact1.sum()).view(1, K)) > 1e-4

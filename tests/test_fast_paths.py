@@ -319,3 +319,100 @@ def test_gaussian_step_where_every_product_is_tiny():
         x_s, _ = step(x_t, t, s, generator=g)
         assert chisquare_pvalue(x_s.view(N, 3), want) > 1e-4
     assert chisquare_pvalue(x_s.view(N, 3), want.roll(1, -1)) < 1e-6     # power
+
+
+@pytest.mark.parametrize("cls", [D3PM, FastD3PM], ids=["reference", "fast"])
+@pytest.mark.parametrize("transition,absorbing_state", CONFIGS[:3] + [("gaussian", None)],
+                         ids=CONFIG_IDS[:3] + ["gaussian"])
+def test_every_uniform_that_q_sample_and_the_sampler_draw_is_float64(cls, transition, absorbing_state):
+    """q_sample and every reverse step (one step and strided jumps) draw their uniforms in
+    float64: a float32 uniform is a multiple of 2^-24, so its Gumbel noise never exceeds 16.6
+    (classes 21 nats below the top are never drawn) and u < 1 - ᾱ_t fires with probability
+    2^-24 however small 1 - ᾱ_t is. Too rare to see by sampling; here each call is recorded."""
+    K, T = 5, 6
+    d = cls(FixedLogits(torch.randn(3, K)), T, K, transition, absorbing_state=absorbing_state)
+    dtypes, rand = [], torch.rand
+
+    def recording_rand(*args, **kwargs):
+        out = rand(*args, **kwargs)
+        dtypes.append(out.dtype)
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "rand", recording_rand)
+        x_0 = torch.randint(0, K, (4, 1, 1, 3), generator=g)
+        d.q_sample(x_0, torch.tensor([1, 2, 4, 6]), generator=g)
+        d.sample((4, 1, 1, 3), generator=g)
+        d.sample((4, 1, 1, 3), steps=3, generator=g)
+    assert len(dtypes) >= 2 and set(dtypes) == {torch.float64}, dtypes
+
+
+@pytest.mark.parametrize("transition,absorbing_state", CONFIGS, ids=CONFIG_IDS)
+def test_closed_form_loss_at_the_edges_of_its_eps_and_schedule(transition, absorbing_state):
+    """The closed form against the parent's explicit KL where its shortcuts are exposed:
+    (1) β_1 = β_2 = 1e-7, eps = 0, t = 2 with x_t ≠ x_0 (absorbing: x_t = m): q(x_1 | x_2, x_0) splits its mass
+    between x_0 and x_t in proportion to 1 - ᾱ_1, which float32 1 - ᾱ_1 gets 19 % wrong;
+    (2) a large eps = 0.05, where the terms that only eps feeds (the "other" classes of the
+    absorbing process) stop being negligible."""
+    K, B, D = 5, 4, 6
+    g = torch.Generator().manual_seed(11)
+    model = FixedLogits(torch.randn(B, 1, 1, D, K, generator=g))
+    model.forward = lambda x_t, t, cond=None: model.logits      # one logit table per example
+    edges = [(torch.tensor([1e-7, 1e-7, 0.5, 0.5], dtype=F64), 0.0, torch.full((B,), 2)),
+             (torch.linspace(0.05, 0.5, 4, dtype=F64), 0.05, torch.tensor([2, 3, 4, 4]))]
+    for schedule, eps, t in edges:
+        kw = dict(schedule=schedule, absorbing_state=absorbing_state, eps=eps)
+        d, ref = FastD3PM(model, 4, K, transition, **kw), D3PM(model, 4, K, transition, **kw)
+        x_0 = torch.randint(0, K, (B, 1, 1, D), generator=g)
+        x_t = (x_0 + 1 + torch.randint(0, K - 1, x_0.shape, generator=g)) % K  # ≠ x_0
+        if transition == "absorbing":                              # q reaches only x_0 and m
+            x_t.fill_(d.absorbing_state)
+        with torch.no_grad():
+            got, want = d.loss_terms(x_0, x_t, t), ref.loss_terms(x_0, x_t, t)
+        torch.testing.assert_close(got["vb"], want["vb"], atol=1e-5, rtol=1e-4)
+        assert float(want["vb"].min()) > 0.01                       # the KL is not negligible
+
+
+def test_draw_categorical_keeps_a_tiny_probability_beside_a_large_one_in_its_block():
+    """Inside one block of 16 the running sum is float64 too: class 4 (1e-9) right after class
+    3 (0.5) keeps its CDF interval (a float32 sum 0.5 + 1e-9 = 0.5 would give it width 0)."""
+    K = 64
+    p = torch.zeros(2, K)
+    p[:, 3], p[:, 4], p[:, 50] = 0.5, 1e-9, 0.5
+    width = 1e-9 / (1.0 + 1e-9)
+    u = torch.tensor([0.5 / (1 + 1e-9) + 0.5 * width, 0.75], dtype=F64)
+    x, _ = _draw_categorical(p, u=u)
+    assert x.tolist() == [4, 50]
+
+
+def test_gaussian_step_where_every_float32_product_underflows():
+    """K = 256, x_t = 0, p̃_θ = δ_194, β = 0.01: fact1_j = Q_2[j, 0] and fact2_j = Q_1[194, j] are
+    both ~1e-26 where they overlap (j ≈ 97), so every float32 product fact1_j fact2_j is 0. The
+    step still samples the exact law ∝ fact1 fact2 (float64), centred on 97, like the parent."""
+    K, N = 256, 4000
+    logits = torch.full((1, K), -1e4)
+    logits[0, 194] = 0.0
+    d = FastD3PM(FixedLogits(logits), 2, K, "gaussian", schedule=torch.tensor([0.01, 0.01], dtype=F64))
+    want = d.Q_matrix(2)[:, 0] * d.Q_matrix(1)[194]
+    assert float(want.max()) < 1e-45                                # underflows float32
+    x_t = torch.zeros(N, 1, 1, 1, dtype=torch.long)
+    g = torch.Generator().manual_seed(4)
+    for step in (d.reverse_step, lambda *a, **k: D3PM.reverse_step(d, *a, **k)):
+        x_s, _ = step(x_t, 2, 1, generator=g)
+        assert chisquare_pvalue(x_s.view(N, 1), (want / want.sum()).view(1, K)) > 1e-4
+
+
+def test_gaussian_step_when_the_prediction_excludes_every_state_that_reaches_x_t():
+    """K = 256, β = 0.005, x_t = 0, p̃_θ = δ_255: in float32, fact1 = Q_2[:, 0] > 0 only for
+    j < 92 and fact2 = Q_1[255] > 0 only for j > 163, so every product is 0 even in float64.
+    The step then follows fact1 (it stays where x_t can be reached from), never fact2."""
+    K, N = 256, 2000
+    logits = torch.full((1, K), -1e4)
+    logits[0, 255] = 0.0
+    d = FastD3PM(FixedLogits(logits), 2, K, "gaussian", schedule=torch.tensor([0.005, 0.005], dtype=F64))
+    fact1 = d.Q_matrix(2)[:, 0].float().double()
+    assert float((fact1 * d.Q_matrix(1)[255].float().double()).max()) == 0.0
+    x_s, _ = d.reverse_step(torch.zeros(N, 1, 1, 1, dtype=torch.long), 2, 1,
+                            generator=torch.Generator().manual_seed(8))
+    assert chisquare_pvalue(x_s.view(N, 1), (fact1 / fact1.sum()).view(1, K)) > 1e-4

@@ -720,6 +720,27 @@ def test_warmup_scales_the_learning_rate_of_each_step(monkeypatch, tmp_path):
     assert float(moved.min()) > 0.9 * lr / W   # every entry has a gradient here
 
 
+def test_resumed_run_steps_with_the_new_lr_and_weight_decay_inside_the_warmup(monkeypatch, tmp_path):
+    """--lr and --weight-decay given with --resume take effect at the first resumed step, and
+    the warm-up goes on where it stopped: 2 steps at lr 0.05, then a resume to 5 steps at lr
+    0.02 and weight decay 0.1, warm-up 4: Adam steps with lr 0.05 (1/4, 2/4), then 0.02 (3/4,
+    4/4, 1), weight decay 0, 0, then 0.1."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step_spy(self, *args, **kwargs):
+        seen.append([(float(g["lr"]), float(g["weight_decay"])) for g in self.param_groups][0])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_spy)
+    run_toy(monkeypatch, tmp_path, lr=0.05, warmup_steps=4, train_steps=2, eval_images=0)
+    run_toy(monkeypatch, tmp_path, lr=0.02, weight_decay=0.1, warmup_steps=4, train_steps=5,
+            eval_images=0, resume=str(tmp_path / "checkpoint.pt"))
+    want = [(0.05 / 4, 0.0), (0.05 * 2 / 4, 0.0), (0.02 * 3 / 4, 0.1), (0.02, 0.1), (0.02, 0.1)]
+    assert [lr for lr, _ in seen] == pytest.approx([lr for lr, _ in want], rel=1e-6)
+    assert [wd for _, wd in seen] == [wd for _, wd in want]
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.5])
 def test_weight_decay_shrinks_weights_that_get_no_gradient(monkeypatch, tmp_path, weight_decay):
     lr = 0.1
@@ -810,6 +831,44 @@ def test_logged_losses_are_means_over_the_logging_window(ema_run):
         for key, name in (("loss", "loss"), ("vb_bpd", "vb"), ("ce_bpd", "ce")):
             want = sum(f[name] for f in window) / len(window)
             assert r[key] == pytest.approx(want, rel=1e-5), (r["step"], key)
+
+
+def test_both_test_bounds_use_the_same_x_t_draws(tmp_path):
+    """test_bounds evaluates -log p(x) and -log p(x | y) on the same x_t draws: with a network
+    that ignores its label, the two bounds and their standard errors are equal to the bit."""
+    cfg = toy_config(tmp_path, label_dropout=0.1, eval_images=7, batch_size=4)
+    data = toy_data(cfg)
+    net = TinyNet(cfg, data, Recorder())
+    with torch.no_grad():
+        net.label.zero_()                                  # every label, null included, alike
+    result = R.test_bounds(cfg, R.build_d3pm(cfg, net), net, data, torch.device("cpu"))
+    assert result["nll_bpd"] is not None and result["nll_bpd_stderr"] > 0
+    assert result["nll_bpd"] == result["nll_bpd_given_label"]
+    assert result["nll_bpd_stderr"] == result["nll_bpd_given_label_stderr"]
+
+
+class LabelEcho:
+    """A stand-in for D3PM.sample whose every pixel is the label it was asked for."""
+    x0_model = None
+
+    def sample(self, shape, cond=None, steps=None, generator=None, return_trajectory=False,
+               guidance=0.0, progress=False):
+        x = cond.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
+        return (x, {"x_t": x[None]}) if return_trajectory else x
+
+
+def test_draw_samples_sorts_balances_and_pairs_labels_and_previews_ten_per_class(tmp_path):
+    """draw_samples: n = 40 labels 0,0,..,1,1,..,2,2 (14, 13, 13: as even as possible), sample i
+    drawn with label i, and the preview the first 10 of each class."""
+    cfg = toy_config(tmp_path, batch_size=4)
+    labels, x, preview, traj = R.draw_samples(cfg, LabelEcho(), None, NUM_LABELS, 40, (1, 2, 2),
+                                              torch.device("cpu"), None, trajectory=True)
+    assert labels.tolist() == sorted(labels.tolist())
+    assert sorted(torch.bincount(labels).tolist()) == [13, 13, 14]
+    assert torch.equal(x, labels.view(-1, 1, 1, 1).expand(40, 1, 2, 2))
+    first = [(labels == c).nonzero().flatten()[:10] for c in range(NUM_LABELS)]
+    assert torch.equal(preview, torch.cat(first))
+    assert torch.equal(traj["x_t"][0], x[preview])
 
 
 @pytest.mark.parametrize("eval_images", [5, 30])

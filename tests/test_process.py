@@ -30,7 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from d3pm_runner import D3PM, get_betas  # noqa: E402
+from d3pm_runner import LOG_ZERO, D3PM, get_betas, guide  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("both_classes")  # every test: D3PM and FastD3PM
 
@@ -856,6 +856,22 @@ def test_guided_step_samples_the_tilted_law(transition, absorbing_state, w):
         assert fits(tilted(p_c, p_u, w)) > 1e-4, (t, s)
         for wrong in (p_c, tilted(p_u, p_c, w), tilted(p_c, p_u, w / 2)):
             assert fits(wrong) < 1e-6, (t, s)
+
+
+def test_guide_on_states_that_one_of_the_two_laws_rules_out():
+    """guide((log p_c, log p_u), w) per state: (1+w) log p_c - w log p_u where both are > 0;
+    exactly LOG_ZERO where p_c = 0 (whatever p_u); log p_c where only p_u = 0 (its float
+    underflow), so such a state keeps its conditional probability rather than vanishing."""
+    w = 2.0
+    log_c = torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0])).clamp_min(LOG_ZERO)
+    log_u = torch.log(torch.tensor([0.6, 0.0, 0.4, 0.0])).clamp_min(LOG_ZERO)
+    log_c[3], log_u[1], log_u[3] = LOG_ZERO, LOG_ZERO, LOG_ZERO
+    out = guide(log_c, log_u, w)
+    want = torch.stack([3 * log_c[0] - 2 * log_u[0], log_c[1], 3 * log_c[2] - 2 * log_u[2],
+                        torch.tensor(LOG_ZERO)])
+    assert torch.equal(out, want), out
+    assert torch.equal(guide(log_c, log_c, w), log_c)        # identical laws: unchanged
+    assert torch.equal(guide(log_u[[3, 0]], log_c[[3, 0]], w)[0], torch.tensor(LOG_ZERO))
 
 
 @pytest.mark.parametrize("w", [1.0, 3.0])

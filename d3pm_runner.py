@@ -746,9 +746,10 @@ class ConvNet(nn.Module):
             loc, log_scale = out.float().chunk(2, dim=1)
             # loc is a residual around the input value scaled to [-1, 1], inside the tanh: a zero
             # output gives loc = x_t. The official UNet's tanh(loc + x) maps black (-1) to -0.76,
-            # grey level 30, until the net learns to undo it; 0.999 keeps atanh finite at ±1.
+            # grey level 30, until the net learns to undo it. The clamp keeps atanh finite at ±1
+            # and at an absorbing [MASK] state K (scaled above 1).
             x_scaled = 2.0 * x_t.float() / (self.num_classes - 1) - 1.0
-            return torch.tanh(loc + torch.atanh(0.999 * x_scaled)), log_scale
+            return torch.tanh(loc + torch.atanh((0.999 * x_scaled).clamp(-0.999, 0.999))), log_scale
         return out.view(B, C, self.num_classes, H, W).permute(0, 1, 3, 4, 2)  # (B, C, H, W, K)
 
 

@@ -170,6 +170,8 @@ def test_every_parameter_gets_a_gradient(output):
     """One backward from the output reaches every parameter: every ResBlock's skip conv,
     FiLM layer, the time MLP and label embedding included."""
     net = tiny(C=3, K=8, output=output).train()
+    if output == "logistic":  # its last conv starts at zero, which stops the gradient at init
+        torch.nn.init.normal_(net.conv_out.weight, std=0.02, generator=torch.Generator().manual_seed(4))
     x_t, t, cond = inputs(C=3, num_states=8)
     out = net(x_t, t, cond)
     outs = out if isinstance(out, tuple) else (out,)
@@ -250,3 +252,18 @@ def test_point_mlp_shape_and_batch_independence():
     torch.testing.assert_close(out2[keep], out[keep], rtol=0, atol=1e-6)
     torch.testing.assert_close(single[0], out[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(cond, out)                     # the label reaches the output
+
+
+def test_logistic_head_starts_as_a_narrow_logistic_at_x_t():
+    """At init the logistic head returns loc = x_t's value (black and white included, where
+    tanh(loc + x) would give ±0.76) and log_scale = -2, and its pixel embedding orders the values:
+    neighbouring grey levels are closer than distant ones."""
+    K = 256
+    net = ConvNet(K, K, in_channels=1, num_labels=10, ch=16, num_timesteps=10, output="logistic")
+    x_t = torch.tensor([0, 1, 128, 254, 255]).repeat(16 * 16 // 5 + 1)[:256].view(1, 1, 16, 16)
+    loc, log_scale = net(x_t, torch.tensor([3]), torch.tensor([1]))
+    value = 2.0 * x_t.float() / (K - 1) - 1.0
+    assert (loc - value).abs().max() < 0.5 / (K - 1)   # within a quarter of a bin
+    assert torch.all(log_scale == -2.0)
+    e = net.pixel_emb.weight
+    assert (e[100] - e[101]).norm() < (e[100] - e[140]).norm() < (e[100] - e[255]).norm()

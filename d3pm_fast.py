@@ -10,7 +10,8 @@ the parity, brute-force and goodness-of-fit tests run against both classes):
                 search over the float64 CDF of the row Q̄_t[x_0]: no (N, S) Gumbel buffer;
   kl_and_ce     the loss without explicit (N, S) posteriors (derivations below);
   reverse_step  the exact p_θ drawn without Gumbel noise over (N, S) (derivations below);
-                guided steps, the last step and noise replays go to the parent.
+                the Gaussian's guided steps tilt its two laws in log space; the other
+                transitions' guided steps, the last step and noise replays go to the parent.
 
 Process-wide settings, made by this class alone: on the CPU its first loss or sampling step
 runs `tune_cpu()` once (float32 denormals flush to zero; glibc keeps freed buffers), and the
@@ -61,7 +62,7 @@ from contextlib import contextmanager
 
 import torch
 
-from d3pm_runner import D3PM, gumbel_argmax, log_or_zero
+from d3pm_runner import D3PM, guide, gumbel_argmax, log_or_zero
 
 
 class FastD3PM(D3PM):
@@ -110,11 +111,12 @@ class FastD3PM(D3PM):
         return super().kl_and_ce(x_0, x_t, t, x0_logits)
 
     def reverse_step(self, x_t, t, s, cond=None, guidance=0.0, generator=None, noise=None):
-        if s == 0 or guidance > 0 or noise is not None:
+        gaussian = self.transition == "gaussian"
+        if s == 0 or noise is not None or (guidance > 0 and not gaussian):
             return super().reverse_step(x_t, t, s, cond, guidance, generator, noise)
         self._tune(x_t.device)
-        if self.transition == "gaussian":
-            return self._step_gaussian(x_t, t, s, cond, generator)
+        if gaussian:
+            return self._step_gaussian(x_t, t, s, cond, generator, guidance)
         return self._step_mixture(x_t, t, s, cond, generator)
 
     # ------------------------------------------------------------------ the loss
@@ -212,28 +214,38 @@ class FastD3PM(D3PM):
         draw = torch.randint(0, K, x_t.shape, generator=generator, device=device)
         return torch.where(from_s, draw, x_s), logits
 
-    def _step_gaussian(self, x_t, t, s, cond, generator):
+    def _step_gaussian(self, x_t, t, s, cond, generator, guidance=0.0):
         """`reverse_step` for the discretized Gaussian, 0 < s < t: the exact p_θ by inverse
-        CDF, no logs and no Gumbel noise over (N, K) (module docstring)."""
-        K = self.num_classes
-        logits = self.model_logits(x_t, torch.full((x_t.shape[0],), t, device=x_t.device), cond)
+        CDF, no Gumbel noise over (N, K) (module docstring); unguided, no logs either."""
+        K, tt = self.num_classes, torch.full((x_t.shape[0],), t, device=x_t.device)
+        logits = self.model_logits(x_t, tt, cond)
         fact1 = (self._Q_t(torch.tensor([t], device=x_t.device))[0] if s == t - 1
                  else self.Q_matrix(t, s).T.float())         # row x_t = column x_t of Q_{s→t}
         fact1 = fact1.index_select(0, x_t.reshape(-1))
-        with exact_float32(x_t.device):
-            p = (torch.softmax(logits, -1).view(-1, K) @ self.Q_bar[s]).mul_(fact1)  # fact2 fact1
+        if guidance > 0:   # the parent's tilt of the two normalised log-laws, drawn in float32
+            logits_u = self.model_logits(x_t, tt, None)
+            log_fact1 = log_or_zero(fact1)
+            log_c, log_u = (torch.log_softmax(log_or_zero(self._fact2(z, s)) + log_fact1, -1)
+                            for z in (logits, logits_u))
+            x_s = _draw_categorical(torch.softmax(guide(log_c, log_u, guidance), -1), generator)[0]
+            x0 = guide(torch.log_softmax(logits, -1), torch.log_softmax(logits_u, -1), guidance)
+            return x_s.view(x_t.shape), x0
+        p = self._fact2(logits, s).mul_(fact1)
         x_s, total = _draw_categorical(p, generator)
         low = (total < 1e-25).nonzero().flatten()              # float32 may have underflowed
         if len(low):                                           # redo those rows in float64
-            with exact_float32(x_t.device):
-                fact2 = torch.softmax(logits.reshape(-1, K)[low], -1) @ self.Q_bar[s]
-            redo = fact2.double() * fact1[low].double()
+            redo = self._fact2(logits.reshape(-1, K)[low], s).double() * fact1[low].double()
             top = redo.amax(-1, keepdim=True)  # 0 only if the prediction excludes x_t outright
             redo = torch.where(top > 0, redo / top.clamp_min(1e-300), fact1[low].double())
             x_s[low] = _draw_categorical(redo.float(), generator)[0]
         return x_s.view(x_t.shape), logits
 
     # ------------------------------------------------------------------ helpers
+    def _fact2(self, logits, s):
+        """p̃_θ Q̄_s for logits (..., K): float32 (N, K)   [eq. 4]."""
+        with exact_float32(logits.device):
+            return torch.softmax(logits, -1).view(-1, self.num_classes) @ self.Q_bar[s]
+
     def _tune(self, device):
         if device.type == "cpu" and self.tune_cpu_on_first_use and not FastD3PM._cpu_tuned:
             tune_cpu()

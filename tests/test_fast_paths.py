@@ -416,3 +416,34 @@ def test_gaussian_step_when_the_prediction_excludes_every_state_that_reaches_x_t
     x_s, _ = d.reverse_step(torch.zeros(N, 1, 1, 1, dtype=torch.long), 2, 1,
                             generator=torch.Generator().manual_seed(8))
     assert chisquare_pvalue(x_s.view(N, 1), (fact1 / fact1.sum()).view(1, K)) > 1e-4
+
+
+def test_guided_gaussian_step_is_the_fast_one_and_samples_the_parents_law(monkeypatch):
+    """A guided Gaussian step at K = 32 runs `_step_gaussian` (not the parent's Gumbel-max step)
+    and samples the parent's tilted law p_c^{1+w} p_u^{-w}: both laws are computed here from the
+    parent's own guided logits, one step and a strided jump."""
+    K, T, N, D, w = 32, 10, 20000, 4, 1.5
+    g = torch.Generator().manual_seed(3)
+    cond_logits, null_logits = 1.5 * torch.randn(2, D, K, generator=g)
+    model = lambda x_t, t, cond=None: (null_logits if cond is None else cond_logits).expand(  # noqa: E731
+        x_t.shape + (K,))
+    d = FastD3PM(model, T, K, "gaussian", schedule=torch.linspace(0.01, 0.1, T, dtype=F64))
+    x_t = torch.tensor([0, 5, 16, K - 1]).repeat(N, 1).view(N, 1, 1, D)
+    labels = torch.zeros(N, dtype=torch.long)
+    calls = []
+    real = d._step_gaussian
+    monkeypatch.setattr(d, "_step_gaussian", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    for t, s in ((6, 5), (9, 3)):
+        x_s, x0 = d.reverse_step(x_t[:1], t, s, labels[:1], guidance=w)
+        _, x0_parent = D3PM.reverse_step(d, x_t[:1], t, s, labels[:1], guidance=w)
+        assert torch.allclose(x0, x0_parent)
+        # the tilted law from explicit float64 matrices
+        tilted = []
+        for z in (cond_logits, null_logits):
+            law = d.Q_matrix(t, s)[:, x_t[0, 0, 0]].T * (torch.softmax(z.double(), -1) @ d.Q_bar_matrix(s))
+            tilted.append(law / law.sum(-1, keepdim=True))
+        want = tilted[0] ** (1 + w) * tilted[1] ** (-w)
+        x_s, _ = d.reverse_step(x_t, t, s, labels, guidance=w, generator=g)
+        assert chisquare_pvalue(x_s.view(N, D), want / want.sum(-1, keepdim=True)) > 1e-4
+        assert chisquare_pvalue(x_s.view(N, D), tilted[0]) < 1e-6    # power: the unguided law
+    assert calls == [6, 6, 9, 9]

@@ -52,9 +52,9 @@ LOG_ZERO = -1e30
 @dataclass
 class Config:
     # ---- data
-    dataset: str = "mnist"            # mnist | heart (the CIFAR runner adds cifar10 | fake)
+    dataset: str = "mnist"            # mnist (heart.py: heart; the CIFAR runner: cifar10 | fake)
     data_root: str = "./data"         # folder holding MNIST/raw (torchvision layout)
-    num_classes: int = 2              # K: states per pixel (mnist: quantisation levels; heart: bins)
+    num_classes: int = 2              # K: states per pixel (quantisation levels)
     # ---- process
     num_timesteps: int = 1000         # T: diffusion steps
     transition: str = "uniform"       # uniform | absorbing | gaussian (presets choose their own)
@@ -92,7 +92,7 @@ class Config:
     resume: str = ""                  # checkpoint to continue from (or to sample/evaluate)
     sample_only: bool = False         # with --resume: write samples.pt, a grid and a GIF
     eval_only: bool = False           # with --resume: print both test bounds (bits/dim) as JSON
-    preset: str = ""                  # cpu | cpu-grey | heart: named settings, overridden by flags
+    preset: str = ""                  # cpu | cpu-grey: named settings, overridden by flags
     no_fast: bool = False             # use the reference D3PM class, not d3pm_fast.FastD3PM
 
 
@@ -102,8 +102,6 @@ PRESETS = {
                 model_channels=48, train_steps=3000, batch_size=64, lr=1e-3, warmup_steps=100,
                 ema_decay=0.999, eval_every=0, checkpoint_every=500, log_every=50,
                 sample_steps=50, guidance=1.0, eval_images=200, out="runs/cpu"),
-    # The 2-D heart toy: about a minute on a CPU. Its error was under-training, not T (README):
-    # 1.5 M points seen (3,000 steps of 512) bring the TV distance to ~2x the data floor.
     # 8-bit MNIST (K = 256) with the paper's best CIFAR-10 setting: discretized Gaussian, logistic
     # output, hybrid loss. Cosine schedule: the linear one (1e-4..0.02) does not mix at T = 40.
     "cpu-grey": dict(dataset="mnist", num_classes=256, num_timesteps=40, transition="gaussian",
@@ -111,10 +109,6 @@ PRESETS = {
                      model_channels=32, train_steps=1500, batch_size=32, lr=2e-3, warmup_steps=100,
                      ema_decay=0.995, eval_every=0, checkpoint_every=500, log_every=50,
                      sample_steps=0, guidance=0.0, eval_images=1000, out="runs/cpu-grey"),
-    "heart": dict(dataset="heart", num_classes=64, num_timesteps=50, transition="uniform",
-                  train_steps=3000, batch_size=512, lr=2e-3, warmup_steps=100, ema_decay=0.99,
-                  eval_every=0, checkpoint_every=500, log_every=100, num_samples=2000,
-                  eval_images=500, label_dropout=0.0, out="runs/heart"),
 }
 
 # Fields that define the process and the network: a checkpoint must agree on all of them.
@@ -152,8 +146,6 @@ def validate_config(cfg):
     for ok, message in checks:
         if not ok:
             raise UsageError(f"{message}, got {_offending(message, cfg)}")
-    if cfg.model_output == "logistic" and cfg.dataset == "heart":
-        raise UsageError("--model-output logistic is for images, not the heart toy")
     if cfg.guidance > 0 and cfg.label_dropout == 0:
         raise UsageError(f"--guidance {cfg.guidance} needs a model trained with --label-dropout > 0: "
                          "with 0 the null class that guidance subtracts was never trained")
@@ -755,31 +747,6 @@ class ConvNet(nn.Module):
         return out.view(B, C, self.num_classes, H, W).permute(0, 1, 3, 4, 2)  # (B, C, H, W, K)
 
 
-class PointMLP(nn.Module):
-    """x_0-predictor for the 2-D toy: sinusoidal embeddings of both coordinates and t, an MLP,
-    logits (B, 2, K)."""
-
-    def __init__(self, num_states, num_classes, num_labels=1, hidden=256, num_timesteps=1000):
-        super().__init__()
-        self.num_classes, self.num_labels, self.num_timesteps = num_classes, num_labels, num_timesteps
-        self.dim = 64
-        self.label_emb = nn.Embedding(num_labels + 1, hidden)
-        self.net_in = nn.Linear(3 * self.dim, hidden)
-        self.net = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2 * num_classes))
-        self.num_states = num_states
-
-    def forward(self, x_t, t, cond=None):
-        B = x_t.shape[0]
-        if cond is None:
-            cond = torch.full((B,), self.num_labels, dtype=torch.long, device=x_t.device)
-        # coordinates are embedded like timesteps, scaled to the same 0..1000 range
-        coords = [timestep_embedding(x_t[:, i], self.dim, self.num_states) for i in range(2)]
-        h = torch.cat(coords + [timestep_embedding(t, self.dim, self.num_timesteps)], dim=-1)
-        h = self.net_in(h) + self.label_emb(cond)
-        return self.net(h).view(B, 2, self.num_classes)
-
-
 # ================================================================================================
 # 4. Data, training loop, command line
 # ================================================================================================
@@ -794,6 +761,16 @@ class Data:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_labels: int
+
+    def save_pictures(self, cfg, tag, labels, x, preview, trajectory):
+        """The preview samples as a grid, a row per class (samples_{tag}.png), and the GIF of
+        their reverse process (reverse_{tag}.gif), in cfg.out; returns the grid's path. Data
+        that are not images draw their own (heart.py)."""
+        png = os.path.join(cfg.out, f"samples_{tag}.png")
+        nrow = max(1, int((labels[preview] == labels[preview][0]).sum()))
+        save_grid(x[preview], cfg.num_classes, png, nrow)
+        save_gif(trajectory["x_t"], cfg.num_classes, os.path.join(cfg.out, f"reverse_{tag}.gif"), nrow)
+        return png
 
 
 def quantize(images_uint8, num_classes):
@@ -820,41 +797,10 @@ def load_mnist(root, num_classes):
     return Data(*split[True], *split[False], num_labels=10)
 
 
-def heart_points(n, num_classes, generator=None):
-    """n points of the 2-D heart toy, each coordinate quantised to K bins: long [n, 2].
-
-    The heart curve (16 sin³u, 13 cos u - 5 cos 2u - 2 cos 3u - cos 4u) / 17 plus Gaussian
-    noise of std 0.03, clipped to [-1, 1] and cut into K equal bins per coordinate.
-    """
-    u = 2 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
-    x = 16 * torch.sin(u) ** 3
-    y = 13 * torch.cos(u) - 5 * torch.cos(2 * u) - 2 * torch.cos(3 * u) - torch.cos(4 * u) + 2.5
-    pts = torch.stack([x, y], 1) / 17 + 0.03 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
-    return ((pts.clamp(-1, 1) + 1) / 2 * num_classes).long().clamp(0, num_classes - 1)
-
-
-def heart_tv(points, num_classes, cells=16, reference=1_000_000):
-    """Total-variation distance between the heart toy's distribution and the points [n, 2]
-    (bins 0..K-1), both pooled into cells x cells equal squares; the distribution is estimated
-    from `reference` fresh points (seeded, so every call compares with the same one). A data
-    sample of n points scores the floor for that n (0.025 at n = 20,000, K = 64, 16 x 16)."""
-    def histogram(pts):
-        c = pts.long() * cells // num_classes
-        return torch.bincount(c[:, 0] * cells + c[:, 1], minlength=cells * cells).double() / len(pts)
-    truth = heart_points(reference, num_classes, torch.Generator().manual_seed(12345))
-    return 0.5 * float((histogram(points) - histogram(truth)).abs().sum())
-
-
 def build_data(cfg):
     if cfg.dataset == "mnist":
         return load_mnist(cfg.data_root, cfg.num_classes)
-    if cfg.dataset == "heart":
-        g = torch.Generator().manual_seed(cfg.seed)
-        n_train, n_test = 20000, 2000
-        pts = heart_points(n_train + n_test, cfg.num_classes, g)
-        labels = torch.zeros(n_train + n_test, dtype=torch.long)  # one class
-        return Data(pts[:n_train], labels[:n_train], pts[n_train:], labels[n_train:], num_labels=1)
-    raise UsageError(f"--dataset must be mnist or heart, got {cfg.dataset!r}")
+    raise UsageError(f"--dataset must be mnist, got {cfg.dataset!r} (heart.py runs the heart toy)")
 
 
 def batch_indices(step, n, batch_size, seed):
@@ -873,8 +819,6 @@ def batch_indices(step, n, batch_size, seed):
 def build_model(cfg, data):
     """The x_0-predicting network for cfg.dataset."""
     num_states = cfg.num_classes + (1 if cfg.transition == "absorbing" and cfg.absorbing_state == "mask" else 0)
-    if cfg.dataset == "heart":
-        return PointMLP(num_states, cfg.num_classes, data.num_labels, num_timesteps=cfg.num_timesteps)
     return ConvNet(num_states, cfg.num_classes, data.train_x.shape[1], data.num_labels,
                    ch=cfg.model_channels, num_timesteps=cfg.num_timesteps, output=cfg.model_output)
 
@@ -961,30 +905,12 @@ def save_gif(frames, num_classes, path, nrow, max_frames=60):
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
-def save_points(data_pts, model_pts, num_classes, path):
-    """The heart toy: 2-D histograms of data (left) and model samples (right)."""
-    from PIL import Image
-    panels = []
-    for pts in (data_pts, model_pts):
-        hist = torch.zeros(num_classes, num_classes)
-        hist.index_put_((num_classes - 1 - pts[:, 1], pts[:, 0]), torch.ones(len(pts)), accumulate=True)
-        hist = (hist / hist.max().clamp_min(1)) ** 0.5
-        panels.append(torch.cat([1 - hist, torch.full((num_classes, 2), 1.0)], 1))
-    img = (torch.cat(panels, 1) * 255).round().byte().numpy()
-    scale = max(1, 512 // img.shape[1])
-    img = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
-    from PIL import ImageDraw
-    draw = ImageDraw.Draw(img)
-    for i, name in enumerate(("data", "model samples")):
-        draw.text((i * img.width // 2 + 6, 4), f"{name} ({len(data_pts if i == 0 else model_pts)})", fill=0)
-    img.save(path)
-
-
 # ------------------------------------------------------------------------ sampling and eval
 
 def draw_samples(cfg, d3pm, net, num_labels, n, shape, device, generator, trajectory=False):
     """Exactly n class-conditional samples, labels 0,0,..,1,1,.. spread over the classes as
-    evenly as possible (each gets n // num_labels or one more), drawn in batches of cfg.batch_size. The first batch is the preview: up to 10 samples per class, whose
+    evenly as possible (each gets n // num_labels or one more), drawn in batches of
+    cfg.batch_size. The first batch is the preview: up to 10 samples per class, whose
     reverse process is kept (on the CPU) when `trajectory` is set, for the grid and the GIF.
     Returns (labels [n], x [n, ...] long on the CPU, preview indices, trajectory or None)."""
     labels = torch.arange(n) * num_labels // n
@@ -1007,26 +933,13 @@ def draw_samples(cfg, d3pm, net, num_labels, n, shape, device, generator, trajec
     return labels, x, preview, traj
 
 
-def save_previews(cfg, x, labels, preview, traj, png, gif):
-    """The grid (a row per class) and the reverse-process GIF of the preview samples."""
-    nrow = max(1, int((labels[preview] == labels[preview][0]).sum()))
-    save_grid(x[preview], cfg.num_classes, png, nrow)
-    save_gif(traj["x_t"], cfg.num_classes, gif, nrow)
-
-
 def write_samples(cfg, d3pm, net, data, device, tag):
-    """cfg.num_samples samples: a PNG grid (a row per class) and a GIF of the reverse process
-    into cfg.out, named samples_{tag}.png and reverse_{tag}.gif. Returns (labels, x, png path)."""
+    """cfg.num_samples samples, drawn into cfg.out by data.save_pictures (for images: a grid and
+    a GIF of the reverse process). Returns (labels, x, the picture's path)."""
     g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    heart = cfg.dataset == "heart"
     labels, x, preview, traj = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples,
-                                            data.train_x.shape[1:], device, g, trajectory=not heart)
-    path = os.path.join(cfg.out, f"{'heart' if heart else 'samples'}_{tag}.png")
-    if heart:
-        save_points(data.test_x[:cfg.num_samples], x, cfg.num_classes, path)
-    else:
-        save_previews(cfg, x, labels, preview, traj, path, os.path.join(cfg.out, f"reverse_{tag}.gif"))
-    return labels, x, path
+                                            data.train_x.shape[1:], device, g, trajectory=True)
+    return labels, x, data.save_pictures(cfg, tag, labels, x, preview, traj)
 
 
 def test_bounds(cfg, d3pm, net, data, device):

@@ -768,7 +768,7 @@ class Data:
         that are not images draw their own (heart.py)."""
         png = os.path.join(cfg.out, f"samples_{tag}.png")
         nrow = max(1, int((labels[preview] == labels[preview][0]).sum()))
-        save_grid(x[preview], cfg.num_classes, png, nrow)
+        grid_image(x[preview], cfg.num_classes, nrow).save(png)
         save_gif(trajectory["x_t"], cfg.num_classes, os.path.join(cfg.out, f"reverse_{tag}.gif"), nrow)
         return png
 
@@ -881,26 +881,21 @@ def to_rgb(x, num_classes):
     return torch.where(mask, red, img)
 
 
-def save_grid(x, num_classes, path, nrow):
+def grid_image(x, num_classes, nrow):
+    """Long images (N, C, H, W) -> a PIL image of their grid, `nrow` to a row; small images are
+    upscaled so a reader can see them."""
     from PIL import Image
     from torchvision.utils import make_grid
     grid = make_grid(to_rgb(x.cpu(), num_classes), nrow=nrow, padding=1, pad_value=0.5)
-    scale = max(1, 256 // grid.shape[-1])  # small images are upscaled so a reader can see them
     img = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy())
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    scale = max(1, 256 // img.width)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
 def save_gif(frames, num_classes, path, nrow, max_frames=60):
     """frames: (F, N, C, H, W) states of the reverse process -> an animated GIF."""
-    from PIL import Image
-    from torchvision.utils import make_grid
     idx = torch.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().long().tolist()
-    images = []
-    for i in idx:
-        grid = make_grid(to_rgb(frames[i].cpu(), num_classes), nrow=nrow, padding=1, pad_value=0.5)
-        img = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy())
-        scale = max(1, 256 // img.width)
-        images.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
+    images = [grid_image(frames[i], num_classes, nrow) for i in idx]
     durations = [80] * (len(images) - 1) + [1500]  # hold the final samples
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 

@@ -1043,19 +1043,32 @@ def autocast_for(device, precision="auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def setup_distributed(cfg):
-    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL, or gloo on
-    CPU (how the tests run it); otherwise a single process on cfg.device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, pick_device(cfg.device)
-    import torch.distributed as dist
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+class OneProcess:
+    """What train() asks of its processes, answered for one. Under torchrun (WORLD_SIZE > 1)
+    d3pm_dist.Processes answers the same for several: DDP, reductions over ranks."""
+    rank, world = 0, 1
+
+    def __init__(self, cfg):
+        self.device = pick_device(cfg.device)
+
+    def wrap(self, net):
+        return net
+
+    def all_min(self, x):
+        return x
+
+    def all_mean(self, x):
+        return x
+
+    def close(self, net, log, finished):
+        pass
+
+
+def start_processes(cfg):
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return OneProcess(cfg)
+    from d3pm_dist import Processes  # imported only here: the runner alone runs one process
+    return Processes(cfg)
 
 
 def _check_in_outdir(cfg):
@@ -1072,7 +1085,8 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     """Train a class-conditional D3PM; build_data/build_model are swapped by the CIFAR runner.
     Returns a dict of final metrics."""
     # 1. set up: device(s), data, network, process, optimiser, EMA, run directory
-    rank, world, device = setup_distributed(cfg)
+    procs = start_processes(cfg)
+    rank, world, device = procs.rank, procs.world, procs.device
     if rank != 0:
         log = lambda *a, **k: None  # noqa: E731  (rank 0 alone logs, samples and saves)
     elif cfg.eval_only and log is print:  # stdout carries the one JSON line alone
@@ -1105,10 +1119,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     if world > 1:  # each rank draws its own t and noise
         torch.manual_seed(cfg.seed + 1000 * rank + step)
-    model = net
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = procs.wrap(net)
     if cfg.compile:
         model = torch.compile(model)
     # Range checks cost a host sync per call on a GPU. TF32 matmuls stay off (PyTorch's
@@ -1135,9 +1146,6 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
 
     if cfg.sample_only or cfg.eval_only:
-        if world > 1:
-            raise UsageError("--sample-only and --eval-only run in one process; start them "
-                             "without torchrun")
         return evaluate_only(cfg, d3pm, ema.module, data, device, log)
 
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
@@ -1166,10 +1174,9 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             # [finite, not stopping]: any rank's NaN skips the step everywhere, and any rank's
             # Ctrl-C/SIGTERM stops every rank at the same step (else the others hang in DDP).
-            flags = torch.stack([(torch.isfinite(loss) & torch.isfinite(grad_norm)).float(),
-                                 torch.tensor(float(stop.signal is None), device=device)])
-            if world > 1:
-                torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MIN)
+            flags = procs.all_min(torch.stack([
+                (torch.isfinite(loss) & torch.isfinite(grad_norm)).float(),
+                torch.tensor(float(stop.signal is None), device=device)]))
             finite, stop_now = flags[0], not bool(flags[1])
             step += 1
             if bool(finite):
@@ -1191,10 +1198,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             bar.update(1)
             # 5. log (losses averaged over ranks), sample, checkpoint: rank 0 only
             if step % cfg.log_every == 0 or step == cfg.train_steps:
-                if world > 1:
-                    torch.distributed.all_reduce(sums)
-                    sums /= world
-                loss_m, vb_m, ce_m = (sums / max(1, n_logged)).tolist()
+                loss_m, vb_m, ce_m = (procs.all_mean(sums) / max(1, n_logged)).tolist()
                 sums.zero_()
                 n_logged = 0
                 row = {"step": step, "loss": loss_m, "vb_bpd": vb_m, "ce_bpd": ce_m,
@@ -1223,10 +1227,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             metrics_file.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        if world > 1 and step >= cfg.train_steps:
-            _check_ranks_agree(net, log)
-        if world > 1:
-            torch.distributed.destroy_process_group()
+        procs.close(net, log, finished=step >= cfg.train_steps)
     if rank != 0:
         return {"step": step}
     if not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
@@ -1240,20 +1241,6 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
         f.write(json.dumps(result) + "\n")
     log(f"{describe_bounds(result)}; samples in {grid}")
     return result
-
-
-def _check_ranks_agree(net, log):
-    """DDP keeps replicas identical; verify it at the end (a desync would be a silent bug)."""
-    import torch.distributed as dist
-    flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
-    weights = 1 + torch.arange(len(flat), device=flat.device) % 9973
-    mine = torch.stack([flat.sum(), (flat * weights).sum()])
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    same = all(torch.equal(g, gathered[0]) for g in gathered)
-    log(f"weights identical across {len(gathered)} ranks: {same}")
-    if not same:
-        raise RuntimeError("DDP replicas diverged: weights differ across ranks")
 
 
 def evaluate_only(cfg, d3pm, net, data, device, log):

@@ -18,6 +18,8 @@ Sections, in paper order:
 
 `d3pm_fast.py` (if present beside this file) holds FastD3PM, the same numbers faster, which
 the runner uses by default; `--no-fast`, or this file alone, runs the D3PM class below.
+`heart.py` (a 2-D toy) and `d3pm_runner_cifar.py` (CIFAR-10, DiT) reuse this runner with their
+own data and network; `d3pm_dist.py` adds several processes under torchrun.
 
 Shape legend: B batch, C channels, H/W height/width, K = num_classes (values a pixel can take),
 S = num_states (K, or K+1 when the absorbing process has its own [MASK] state), T = num_timesteps.
@@ -121,28 +123,27 @@ class UsageError(Exception):
 
 
 def validate_config(cfg):
+    """Bad input -> UsageError: one line naming the flag and the value given."""
     choices = {"transition": ("uniform", "absorbing", "gaussian"), "loss_type": ("hybrid", "vb", "ce"),
                "model_output": ("logits", "logistic"), "device": ("auto", "cpu", "cuda"),
                "absorbing_state": ("mask", "grey"), "precision": ("auto", "bf16", "fp32"),
                "schedule": ("default", "cosine", "linear", "jsd")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                             f"got {getattr(cfg, name)!r}")
-    checks = [(2 <= cfg.num_classes <= 256, "--num-classes (K) must be in 2..256"),
-              (cfg.num_timesteps >= 1, "--num-timesteps (T) must be >= 1"),
-              (cfg.batch_size >= 1, "--batch-size must be >= 1"),
-              (cfg.train_steps >= 0, "--train-steps must be >= 0"),
-              (cfg.guidance >= 0, "--guidance must be >= 0"),
-              (cfg.sample_steps == 0 or 1 <= cfg.sample_steps <= cfg.num_timesteps,
-               f"--sample-steps must be in 1..T={cfg.num_timesteps} (or 0 for all)"),
-              (cfg.lr > 0, "--lr must be > 0"), (cfg.eps >= 0, "--eps must be >= 0"),
-              (0 <= cfg.label_dropout < 1, "--label-dropout must be in [0, 1)"),
-              (cfg.num_samples >= 1, "--num-samples must be >= 1"),
-              (cfg.eval_images >= 0, "--eval-images must be >= 0"),
-              (cfg.log_every >= 1, "--log-every must be >= 1"),
-              (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
-              (cfg.eval_every >= 0, "--eval-every must be >= 0 (0 = only at the end)")]
+    checks = [(getattr(cfg, name) in allowed, f"--{name.replace('_', '-')} must be one of "
+               f"{', '.join(allowed)}") for name, allowed in choices.items()]
+    checks += [(2 <= cfg.num_classes <= 256, "--num-classes (K) must be in 2..256"),
+               (cfg.num_timesteps >= 1, "--num-timesteps (T) must be >= 1"),
+               (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+               (cfg.train_steps >= 0, "--train-steps must be >= 0"),
+               (cfg.guidance >= 0, "--guidance must be >= 0"),
+               (cfg.sample_steps == 0 or 1 <= cfg.sample_steps <= cfg.num_timesteps,
+                f"--sample-steps must be in 1..T={cfg.num_timesteps} (or 0 for all)"),
+               (cfg.lr > 0, "--lr must be > 0"), (cfg.eps >= 0, "--eps must be >= 0"),
+               (0 <= cfg.label_dropout < 1, "--label-dropout must be in [0, 1)"),
+               (cfg.num_samples >= 1, "--num-samples must be >= 1"),
+               (cfg.eval_images >= 0, "--eval-images must be >= 0"),
+               (cfg.log_every >= 1, "--log-every must be >= 1"),
+               (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+               (cfg.eval_every >= 0, "--eval-every must be >= 0 (0 = only at the end)")]
     for ok, message in checks:
         if not ok:
             raise UsageError(f"{message}, got {_offending(message, cfg)}")

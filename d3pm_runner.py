@@ -865,10 +865,6 @@ def pick_device(name):
     return torch.device(name)
 
 
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 # ---------------------------------------------------------------------------- pictures
 
 def to_rgb(x, num_classes):
@@ -1129,8 +1125,8 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     note = process_class(cfg.no_fast)[1]
     if note:
         log(note)
-    log(f"{type(net).__name__}: {count_parameters(net):,} parameters; {cfg.transition} "
-        f"transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}"
+    log(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters; "
+        f"{cfg.transition} transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}"
         + (f" x {world} processes" if world > 1 else ""))
     if rank == 0 and not (cfg.sample_only or cfg.eval_only):
         with open(os.path.join(cfg.out, "config.json"), "w") as f:

@@ -41,6 +41,11 @@ class HeartConfig(d3.Config):
     eval_images: int = 500            # test points for the final bounds on -log p(x)
 
 
+# Checkpoints of `d3pm_runner.py --preset heart` (before this file) name that preset; its values
+# are HeartConfig's defaults, so they resume here unchanged.
+PRESETS = {"heart": {}}
+
+
 def heart_points(n, num_classes, generator=None):
     """n points of the 2-D heart toy, each coordinate quantised to K bins: long [n, 2].
 
@@ -147,7 +152,7 @@ def run(cfg, log=print):
 
 
 def main(argv=None):
-    d3.main(argv, run=run, description=__doc__, config_cls=HeartConfig, presets={},
+    d3.main(argv, run=run, description=__doc__, config_cls=HeartConfig, presets=PRESETS,
             validate=validate)
 
 

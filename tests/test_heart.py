@@ -71,3 +71,12 @@ def test_help_lists_the_heart_defaults():
     out = subprocess.run([sys.executable, "heart.py", "--help"], cwd=root, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "bins per coordinate (default: 64)" in out.stdout, out.stderr
+
+
+def test_checkpoints_of_the_old_heart_preset_resume_here(tmp_path):
+    """Runs of `d3pm_runner.py --preset heart` saved preset="heart" in their config."""
+    cfg = heart.HeartConfig(num_timesteps=4, train_steps=2, batch_size=16, eval_images=0,
+                            num_samples=4, out=str(tmp_path), device="cpu", preset="heart")
+    heart.run(cfg, log=lambda *a: None)
+    heart.main(["--sample-only", "--resume", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path)])
+    assert torch.load(tmp_path / "samples.pt", weights_only=True)["images"].shape == (4, 2)

@@ -18,6 +18,8 @@ Sections, in paper order:
 
 `d3pm_fast.py` (if present beside this file) holds FastD3PM, the same numbers faster, which
 the runner uses by default; `--no-fast`, or this file alone, runs the D3PM class below.
+`heart.py` (a 2-D toy) and `d3pm_runner_cifar.py` (CIFAR-10, DiT) reuse this runner with their
+own data and network; `d3pm_dist.py` adds several processes under torchrun.
 
 Shape legend: B batch, C channels, H/W height/width, K = num_classes (values a pixel can take),
 S = num_states (K, or K+1 when the absorbing process has its own [MASK] state), T = num_timesteps.
@@ -52,9 +54,9 @@ LOG_ZERO = -1e30
 @dataclass
 class Config:
     # ---- data
-    dataset: str = "mnist"            # mnist | heart (the CIFAR runner adds cifar10 | fake)
+    dataset: str = "mnist"            # mnist (heart.py: heart; the CIFAR runner: cifar10 | fake)
     data_root: str = "./data"         # folder holding MNIST/raw (torchvision layout)
-    num_classes: int = 2              # K: states per pixel (mnist: quantisation levels; heart: bins)
+    num_classes: int = 2              # K: states per pixel (quantisation levels)
     # ---- process
     num_timesteps: int = 1000         # T: diffusion steps
     transition: str = "uniform"       # uniform | absorbing | gaussian (presets choose their own)
@@ -92,7 +94,7 @@ class Config:
     resume: str = ""                  # checkpoint to continue from (or to sample/evaluate)
     sample_only: bool = False         # with --resume: write samples.pt, a grid and a GIF
     eval_only: bool = False           # with --resume: print both test bounds (bits/dim) as JSON
-    preset: str = ""                  # cpu | cpu-grey | heart: named settings, overridden by flags
+    preset: str = ""                  # cpu | cpu-grey: named settings, overridden by flags
     no_fast: bool = False             # use the reference D3PM class, not d3pm_fast.FastD3PM
 
 
@@ -102,8 +104,6 @@ PRESETS = {
                 model_channels=48, train_steps=3000, batch_size=64, lr=1e-3, warmup_steps=100,
                 ema_decay=0.999, eval_every=0, checkpoint_every=500, log_every=50,
                 sample_steps=50, guidance=1.0, eval_images=200, out="runs/cpu"),
-    # The 2-D heart toy: about a minute on a CPU. Its error was under-training, not T (README):
-    # 1.5 M points seen (3,000 steps of 512) bring the TV distance to ~2x the data floor.
     # 8-bit MNIST (K = 256) with the paper's best CIFAR-10 setting: discretized Gaussian, logistic
     # output, hybrid loss. Cosine schedule: the linear one (1e-4..0.02) does not mix at T = 40.
     "cpu-grey": dict(dataset="mnist", num_classes=256, num_timesteps=40, transition="gaussian",
@@ -111,10 +111,6 @@ PRESETS = {
                      model_channels=32, train_steps=1500, batch_size=32, lr=2e-3, warmup_steps=100,
                      ema_decay=0.995, eval_every=0, checkpoint_every=500, log_every=50,
                      sample_steps=0, guidance=0.0, eval_images=1000, out="runs/cpu-grey"),
-    "heart": dict(dataset="heart", num_classes=64, num_timesteps=50, transition="uniform",
-                  train_steps=3000, batch_size=512, lr=2e-3, warmup_steps=100, ema_decay=0.99,
-                  eval_every=0, checkpoint_every=500, log_every=100, num_samples=2000,
-                  eval_images=500, label_dropout=0.0, out="runs/heart"),
 }
 
 # Fields that define the process and the network: a checkpoint must agree on all of them.
@@ -127,33 +123,30 @@ class UsageError(Exception):
 
 
 def validate_config(cfg):
+    """Bad input -> UsageError: one line naming the flag and the value given."""
     choices = {"transition": ("uniform", "absorbing", "gaussian"), "loss_type": ("hybrid", "vb", "ce"),
                "model_output": ("logits", "logistic"), "device": ("auto", "cpu", "cuda"),
                "absorbing_state": ("mask", "grey"), "precision": ("auto", "bf16", "fp32"),
                "schedule": ("default", "cosine", "linear", "jsd")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                             f"got {getattr(cfg, name)!r}")
-    checks = [(2 <= cfg.num_classes <= 256, "--num-classes (K) must be in 2..256"),
-              (cfg.num_timesteps >= 1, "--num-timesteps (T) must be >= 1"),
-              (cfg.batch_size >= 1, "--batch-size must be >= 1"),
-              (cfg.train_steps >= 0, "--train-steps must be >= 0"),
-              (cfg.guidance >= 0, "--guidance must be >= 0"),
-              (cfg.sample_steps == 0 or 1 <= cfg.sample_steps <= cfg.num_timesteps,
-               f"--sample-steps must be in 1..T={cfg.num_timesteps} (or 0 for all)"),
-              (cfg.lr > 0, "--lr must be > 0"), (cfg.eps >= 0, "--eps must be >= 0"),
-              (0 <= cfg.label_dropout < 1, "--label-dropout must be in [0, 1)"),
-              (cfg.num_samples >= 1, "--num-samples must be >= 1"),
-              (cfg.eval_images >= 0, "--eval-images must be >= 0"),
-              (cfg.log_every >= 1, "--log-every must be >= 1"),
-              (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
-              (cfg.eval_every >= 0, "--eval-every must be >= 0 (0 = only at the end)")]
+    checks = [(getattr(cfg, name) in allowed, f"--{name.replace('_', '-')} must be one of "
+               f"{', '.join(allowed)}") for name, allowed in choices.items()]
+    checks += [(2 <= cfg.num_classes <= 256, "--num-classes (K) must be in 2..256"),
+               (cfg.num_timesteps >= 1, "--num-timesteps (T) must be >= 1"),
+               (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+               (cfg.train_steps >= 0, "--train-steps must be >= 0"),
+               (cfg.guidance >= 0, "--guidance must be >= 0"),
+               (cfg.sample_steps == 0 or 1 <= cfg.sample_steps <= cfg.num_timesteps,
+                f"--sample-steps must be in 1..T={cfg.num_timesteps} (or 0 for all)"),
+               (cfg.lr > 0, "--lr must be > 0"), (cfg.eps >= 0, "--eps must be >= 0"),
+               (0 <= cfg.label_dropout < 1, "--label-dropout must be in [0, 1)"),
+               (cfg.num_samples >= 1, "--num-samples must be >= 1"),
+               (cfg.eval_images >= 0, "--eval-images must be >= 0"),
+               (cfg.log_every >= 1, "--log-every must be >= 1"),
+               (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+               (cfg.eval_every >= 0, "--eval-every must be >= 0 (0 = only at the end)")]
     for ok, message in checks:
         if not ok:
             raise UsageError(f"{message}, got {_offending(message, cfg)}")
-    if cfg.model_output == "logistic" and cfg.dataset == "heart":
-        raise UsageError("--model-output logistic is for images, not the heart toy")
     if cfg.guidance > 0 and cfg.label_dropout == 0:
         raise UsageError(f"--guidance {cfg.guidance} needs a model trained with --label-dropout > 0: "
                          "with 0 the null class that guidance subtracts was never trained")
@@ -755,31 +748,6 @@ class ConvNet(nn.Module):
         return out.view(B, C, self.num_classes, H, W).permute(0, 1, 3, 4, 2)  # (B, C, H, W, K)
 
 
-class PointMLP(nn.Module):
-    """x_0-predictor for the 2-D toy: sinusoidal embeddings of both coordinates and t, an MLP,
-    logits (B, 2, K)."""
-
-    def __init__(self, num_states, num_classes, num_labels=1, hidden=256, num_timesteps=1000):
-        super().__init__()
-        self.num_classes, self.num_labels, self.num_timesteps = num_classes, num_labels, num_timesteps
-        self.dim = 64
-        self.label_emb = nn.Embedding(num_labels + 1, hidden)
-        self.net_in = nn.Linear(3 * self.dim, hidden)
-        self.net = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2 * num_classes))
-        self.num_states = num_states
-
-    def forward(self, x_t, t, cond=None):
-        B = x_t.shape[0]
-        if cond is None:
-            cond = torch.full((B,), self.num_labels, dtype=torch.long, device=x_t.device)
-        # coordinates are embedded like timesteps, scaled to the same 0..1000 range
-        coords = [timestep_embedding(x_t[:, i], self.dim, self.num_states) for i in range(2)]
-        h = torch.cat(coords + [timestep_embedding(t, self.dim, self.num_timesteps)], dim=-1)
-        h = self.net_in(h) + self.label_emb(cond)
-        return self.net(h).view(B, 2, self.num_classes)
-
-
 # ================================================================================================
 # 4. Data, training loop, command line
 # ================================================================================================
@@ -794,6 +762,16 @@ class Data:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_labels: int
+
+    def save_pictures(self, cfg, tag, labels, x, preview, trajectory):
+        """The preview samples as a grid, a row per class (samples_{tag}.png), and the GIF of
+        their reverse process (reverse_{tag}.gif), in cfg.out; returns the grid's path. Data
+        that are not images draw their own (heart.py)."""
+        png = os.path.join(cfg.out, f"samples_{tag}.png")
+        nrow = max(1, int((labels[preview] == labels[preview][0]).sum()))
+        grid_image(x[preview], cfg.num_classes, nrow).save(png)
+        save_gif(trajectory["x_t"], cfg.num_classes, os.path.join(cfg.out, f"reverse_{tag}.gif"), nrow)
+        return png
 
 
 def quantize(images_uint8, num_classes):
@@ -820,41 +798,10 @@ def load_mnist(root, num_classes):
     return Data(*split[True], *split[False], num_labels=10)
 
 
-def heart_points(n, num_classes, generator=None):
-    """n points of the 2-D heart toy, each coordinate quantised to K bins: long [n, 2].
-
-    The heart curve (16 sin³u, 13 cos u - 5 cos 2u - 2 cos 3u - cos 4u) / 17 plus Gaussian
-    noise of std 0.03, clipped to [-1, 1] and cut into K equal bins per coordinate.
-    """
-    u = 2 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
-    x = 16 * torch.sin(u) ** 3
-    y = 13 * torch.cos(u) - 5 * torch.cos(2 * u) - 2 * torch.cos(3 * u) - torch.cos(4 * u) + 2.5
-    pts = torch.stack([x, y], 1) / 17 + 0.03 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
-    return ((pts.clamp(-1, 1) + 1) / 2 * num_classes).long().clamp(0, num_classes - 1)
-
-
-def heart_tv(points, num_classes, cells=16, reference=1_000_000):
-    """Total-variation distance between the heart toy's distribution and the points [n, 2]
-    (bins 0..K-1), both pooled into cells x cells equal squares; the distribution is estimated
-    from `reference` fresh points (seeded, so every call compares with the same one). A data
-    sample of n points scores the floor for that n (0.025 at n = 20,000, K = 64, 16 x 16)."""
-    def histogram(pts):
-        c = pts.long() * cells // num_classes
-        return torch.bincount(c[:, 0] * cells + c[:, 1], minlength=cells * cells).double() / len(pts)
-    truth = heart_points(reference, num_classes, torch.Generator().manual_seed(12345))
-    return 0.5 * float((histogram(points) - histogram(truth)).abs().sum())
-
-
 def build_data(cfg):
     if cfg.dataset == "mnist":
         return load_mnist(cfg.data_root, cfg.num_classes)
-    if cfg.dataset == "heart":
-        g = torch.Generator().manual_seed(cfg.seed)
-        n_train, n_test = 20000, 2000
-        pts = heart_points(n_train + n_test, cfg.num_classes, g)
-        labels = torch.zeros(n_train + n_test, dtype=torch.long)  # one class
-        return Data(pts[:n_train], labels[:n_train], pts[n_train:], labels[n_train:], num_labels=1)
-    raise UsageError(f"--dataset must be mnist or heart, got {cfg.dataset!r}")
+    raise UsageError(f"--dataset must be mnist, got {cfg.dataset!r} (heart.py runs the heart toy)")
 
 
 def batch_indices(step, n, batch_size, seed):
@@ -873,8 +820,6 @@ def batch_indices(step, n, batch_size, seed):
 def build_model(cfg, data):
     """The x_0-predicting network for cfg.dataset."""
     num_states = cfg.num_classes + (1 if cfg.transition == "absorbing" and cfg.absorbing_state == "mask" else 0)
-    if cfg.dataset == "heart":
-        return PointMLP(num_states, cfg.num_classes, data.num_labels, num_timesteps=cfg.num_timesteps)
     return ConvNet(num_states, cfg.num_classes, data.train_x.shape[1], data.num_labels,
                    ch=cfg.model_channels, num_timesteps=cfg.num_timesteps, output=cfg.model_output)
 
@@ -920,10 +865,6 @@ def pick_device(name):
     return torch.device(name)
 
 
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 # ---------------------------------------------------------------------------- pictures
 
 def to_rgb(x, num_classes):
@@ -937,54 +878,31 @@ def to_rgb(x, num_classes):
     return torch.where(mask, red, img)
 
 
-def save_grid(x, num_classes, path, nrow):
+def grid_image(x, num_classes, nrow):
+    """Long images (N, C, H, W) -> a PIL image of their grid, `nrow` to a row; small images are
+    upscaled so a reader can see them."""
     from PIL import Image
     from torchvision.utils import make_grid
     grid = make_grid(to_rgb(x.cpu(), num_classes), nrow=nrow, padding=1, pad_value=0.5)
-    scale = max(1, 256 // grid.shape[-1])  # small images are upscaled so a reader can see them
     img = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy())
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    scale = max(1, 256 // img.width)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
 def save_gif(frames, num_classes, path, nrow, max_frames=60):
     """frames: (F, N, C, H, W) states of the reverse process -> an animated GIF."""
-    from PIL import Image
-    from torchvision.utils import make_grid
     idx = torch.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().long().tolist()
-    images = []
-    for i in idx:
-        grid = make_grid(to_rgb(frames[i].cpu(), num_classes), nrow=nrow, padding=1, pad_value=0.5)
-        img = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy())
-        scale = max(1, 256 // img.width)
-        images.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
+    images = [grid_image(frames[i], num_classes, nrow) for i in idx]
     durations = [80] * (len(images) - 1) + [1500]  # hold the final samples
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
-
-
-def save_points(data_pts, model_pts, num_classes, path):
-    """The heart toy: 2-D histograms of data (left) and model samples (right)."""
-    from PIL import Image
-    panels = []
-    for pts in (data_pts, model_pts):
-        hist = torch.zeros(num_classes, num_classes)
-        hist.index_put_((num_classes - 1 - pts[:, 1], pts[:, 0]), torch.ones(len(pts)), accumulate=True)
-        hist = (hist / hist.max().clamp_min(1)) ** 0.5
-        panels.append(torch.cat([1 - hist, torch.full((num_classes, 2), 1.0)], 1))
-    img = (torch.cat(panels, 1) * 255).round().byte().numpy()
-    scale = max(1, 512 // img.shape[1])
-    img = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
-    from PIL import ImageDraw
-    draw = ImageDraw.Draw(img)
-    for i, name in enumerate(("data", "model samples")):
-        draw.text((i * img.width // 2 + 6, 4), f"{name} ({len(data_pts if i == 0 else model_pts)})", fill=0)
-    img.save(path)
 
 
 # ------------------------------------------------------------------------ sampling and eval
 
 def draw_samples(cfg, d3pm, net, num_labels, n, shape, device, generator, trajectory=False):
     """Exactly n class-conditional samples, labels 0,0,..,1,1,.. spread over the classes as
-    evenly as possible (each gets n // num_labels or one more), drawn in batches of cfg.batch_size. The first batch is the preview: up to 10 samples per class, whose
+    evenly as possible (each gets n // num_labels or one more), drawn in batches of
+    cfg.batch_size. The first batch is the preview: up to 10 samples per class, whose
     reverse process is kept (on the CPU) when `trajectory` is set, for the grid and the GIF.
     Returns (labels [n], x [n, ...] long on the CPU, preview indices, trajectory or None)."""
     labels = torch.arange(n) * num_labels // n
@@ -1007,26 +925,13 @@ def draw_samples(cfg, d3pm, net, num_labels, n, shape, device, generator, trajec
     return labels, x, preview, traj
 
 
-def save_previews(cfg, x, labels, preview, traj, png, gif):
-    """The grid (a row per class) and the reverse-process GIF of the preview samples."""
-    nrow = max(1, int((labels[preview] == labels[preview][0]).sum()))
-    save_grid(x[preview], cfg.num_classes, png, nrow)
-    save_gif(traj["x_t"], cfg.num_classes, gif, nrow)
-
-
 def write_samples(cfg, d3pm, net, data, device, tag):
-    """cfg.num_samples samples: a PNG grid (a row per class) and a GIF of the reverse process
-    into cfg.out, named samples_{tag}.png and reverse_{tag}.gif. Returns (labels, x, png path)."""
+    """cfg.num_samples samples, drawn into cfg.out by data.save_pictures (for images: a grid and
+    a GIF of the reverse process). Returns (labels, x, the picture's path)."""
     g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    heart = cfg.dataset == "heart"
     labels, x, preview, traj = draw_samples(cfg, d3pm, net, data.num_labels, cfg.num_samples,
-                                            data.train_x.shape[1:], device, g, trajectory=not heart)
-    path = os.path.join(cfg.out, f"{'heart' if heart else 'samples'}_{tag}.png")
-    if heart:
-        save_points(data.test_x[:cfg.num_samples], x, cfg.num_classes, path)
-    else:
-        save_previews(cfg, x, labels, preview, traj, path, os.path.join(cfg.out, f"reverse_{tag}.gif"))
-    return labels, x, path
+                                            data.train_x.shape[1:], device, g, trajectory=True)
+    return labels, x, data.save_pictures(cfg, tag, labels, x, preview, traj)
 
 
 def test_bounds(cfg, d3pm, net, data, device):
@@ -1139,19 +1044,32 @@ def autocast_for(device, precision="auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def setup_distributed(cfg):
-    """(rank, world_size, device). Under torchrun: one process per GPU with NCCL, or gloo on
-    CPU (how the tests run it); otherwise a single process on cfg.device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, pick_device(cfg.device)
-    import torch.distributed as dist
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+class OneProcess:
+    """What train() asks of its processes, answered for one. Under torchrun (WORLD_SIZE > 1)
+    d3pm_dist.Processes answers the same for several: DDP, reductions over ranks."""
+    rank, world = 0, 1
+
+    def __init__(self, cfg):
+        self.device = pick_device(cfg.device)
+
+    def wrap(self, net):
+        return net
+
+    def all_min(self, x):
+        return x
+
+    def all_mean(self, x):
+        return x
+
+    def close(self, net, log, finished):
+        pass
+
+
+def start_processes(cfg):
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return OneProcess(cfg)
+    from d3pm_dist import Processes  # imported only here: the runner alone runs one process
+    return Processes(cfg)
 
 
 def _check_in_outdir(cfg):
@@ -1168,7 +1086,8 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     """Train a class-conditional D3PM; build_data/build_model are swapped by the CIFAR runner.
     Returns a dict of final metrics."""
     # 1. set up: device(s), data, network, process, optimiser, EMA, run directory
-    rank, world, device = setup_distributed(cfg)
+    procs = start_processes(cfg)
+    rank, world, device = procs.rank, procs.world, procs.device
     if rank != 0:
         log = lambda *a, **k: None  # noqa: E731  (rank 0 alone logs, samples and saves)
     elif cfg.eval_only and log is print:  # stdout carries the one JSON line alone
@@ -1201,10 +1120,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     if world > 1:  # each rank draws its own t and noise
         torch.manual_seed(cfg.seed + 1000 * rank + step)
-    model = net
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = procs.wrap(net)
     if cfg.compile:
         model = torch.compile(model)
     # Range checks cost a host sync per call on a GPU. TF32 matmuls stay off (PyTorch's
@@ -1213,8 +1129,8 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
     note = process_class(cfg.no_fast)[1]
     if note:
         log(note)
-    log(f"{type(net).__name__}: {count_parameters(net):,} parameters; {cfg.transition} "
-        f"transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}"
+    log(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters; "
+        f"{cfg.transition} transition, K={cfg.num_classes}, T={cfg.num_timesteps}, device {device}"
         + (f" x {world} processes" if world > 1 else ""))
     if rank == 0 and not (cfg.sample_only or cfg.eval_only):
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -1231,9 +1147,6 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
 
     if cfg.sample_only or cfg.eval_only:
-        if world > 1:
-            raise UsageError("--sample-only and --eval-only run in one process; start them "
-                             "without torchrun")
         return evaluate_only(cfg, d3pm, ema.module, data, device, log)
 
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
@@ -1262,10 +1175,9 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             # [finite, not stopping]: any rank's NaN skips the step everywhere, and any rank's
             # Ctrl-C/SIGTERM stops every rank at the same step (else the others hang in DDP).
-            flags = torch.stack([(torch.isfinite(loss) & torch.isfinite(grad_norm)).float(),
-                                 torch.tensor(float(stop.signal is None), device=device)])
-            if world > 1:
-                torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MIN)
+            flags = procs.all_min(torch.stack([
+                (torch.isfinite(loss) & torch.isfinite(grad_norm)).float(),
+                torch.tensor(float(stop.signal is None), device=device)]))
             finite, stop_now = flags[0], not bool(flags[1])
             step += 1
             if bool(finite):
@@ -1287,10 +1199,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             bar.update(1)
             # 5. log (losses averaged over ranks), sample, checkpoint: rank 0 only
             if step % cfg.log_every == 0 or step == cfg.train_steps:
-                if world > 1:
-                    torch.distributed.all_reduce(sums)
-                    sums /= world
-                loss_m, vb_m, ce_m = (sums / max(1, n_logged)).tolist()
+                loss_m, vb_m, ce_m = (procs.all_mean(sums) / max(1, n_logged)).tolist()
                 sums.zero_()
                 n_logged = 0
                 row = {"step": step, "loss": loss_m, "vb_bpd": vb_m, "ce_bpd": ce_m,
@@ -1319,10 +1228,7 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
             metrics_file.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        if world > 1 and step >= cfg.train_steps:
-            _check_ranks_agree(net, log)
-        if world > 1:
-            torch.distributed.destroy_process_group()
+        procs.close(net, log, finished=step >= cfg.train_steps)
     if rank != 0:
         return {"step": step}
     if not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
@@ -1336,20 +1242,6 @@ def train(cfg, build_data=build_data, build_model=build_model, log=print):
         f.write(json.dumps(result) + "\n")
     log(f"{describe_bounds(result)}; samples in {grid}")
     return result
-
-
-def _check_ranks_agree(net, log):
-    """DDP keeps replicas identical; verify it at the end (a desync would be a silent bug)."""
-    import torch.distributed as dist
-    flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
-    weights = 1 + torch.arange(len(flat), device=flat.device) % 9973
-    mine = torch.stack([flat.sum(), (flat * weights).sum()])
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    same = all(torch.equal(g, gathered[0]) for g in gathered)
-    log(f"weights identical across {len(gathered)} ranks: {same}")
-    if not same:
-        raise RuntimeError("DDP replicas diverged: weights differ across ranks")
 
 
 def evaluate_only(cfg, d3pm, net, data, device, log):

@@ -17,18 +17,19 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import d3pm_runner as R  # noqa: E402
+import heart  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--resume", required=True, help="checkpoint of a --preset heart run")
+    p.add_argument("--resume", required=True, help="checkpoint of a heart.py run")
     p.add_argument("--num-samples", type=int, default=20000)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     ckpt = R.load_checkpoint(args.resume)
-    cfg = R.Config(**ckpt["config"])
-    data = R.build_data(cfg)
-    net = R.build_model(cfg, data)
+    cfg = heart.HeartConfig(**ckpt["config"])
+    data = heart.build_data(cfg)
+    net = heart.build_model(cfg, data)
     ema = torch.optim.swa_utils.AveragedModel(net)
     ema.load_state_dict(ckpt["ema"])
     d3pm = R.build_d3pm(cfg, ema.module)
@@ -40,9 +41,9 @@ def main():
                        for b in torch.arange(args.num_samples).split(5000)])
     seconds = time.time() - start
     K = cfg.num_classes
-    floor = sum(R.heart_tv(R.heart_points(args.num_samples, K, torch.Generator().manual_seed(s)), K)
-                for s in range(5)) / 5
-    tv = R.heart_tv(x, K)
+    floor = sum(heart.heart_tv(heart.heart_points(args.num_samples, K, torch.Generator().manual_seed(s)),
+                               K) for s in range(5)) / 5
+    tv = heart.heart_tv(x, K)
     print(json.dumps({"tv": round(tv, 4), "floor": round(floor, 4), "ratio": round(tv / floor, 2),
                       "num_samples": args.num_samples, "sample_seconds": round(seconds, 1)}))
 

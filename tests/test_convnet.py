@@ -1,4 +1,4 @@
-"""Tests for the x_0-networks of d3pm_runner.py: ConvNet (images) and PointMLP (the 2-D toy).
+"""Tests for the x_0-networks: ConvNet (images, d3pm_runner.py) and PointMLP (the 2-D toy, heart.py).
 
 Run:  python -m pytest tests/test_convnet.py -q      (CPU, a few seconds)
 
@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from d3pm_runner import ConvNet, PointMLP  # noqa: E402
+from d3pm_runner import ConvNet  # noqa: E402
+from heart import PointMLP  # noqa: E402
 
 B, H, W, T, NUM_LABELS, CH = 3, 8, 12, 10, 10, 8
 

@@ -4,7 +4,7 @@ Run:  python -m pytest tests/test_runner.py -q      (CPU, about half a minute)
 
 Sections: a fake MNIST on disk | training lowers the loss, writes config, samples, checkpoint |
 resume (continues, and is exact) | --sample-only / --eval-only | bad input -> one "error:" line,
-exit status 2 | the 2-D heart toy learns its distribution.
+exit status 2 | the two process classes | the runner copied alone. (The heart toy: test_heart.py.)
 
 Nothing here reads /work/shared or the network: MNIST is a 64 + 32 image fake written in
 torchvision's raw IDX layout, read by the real `torchvision.datasets.MNIST` loader.
@@ -254,7 +254,7 @@ def test_default_transition_is_uniform_and_presets_keep_theirs():
     cfg = R.resolve_config({})
     assert cfg.transition == "uniform"
     assert R.resolve_config({"preset": "cpu"}).transition == "absorbing"
-    assert R.resolve_config({"preset": "heart"}).transition == "uniform"
+    assert R.resolve_config({"preset": "cpu-grey"}).transition == "gaussian"
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -283,8 +283,6 @@ BAD_INPUT = {
     "unwritable out": (["--data-root", "{data}", "--out", "{tmp}/file/run"], "--out"),
     "config mismatch": (["--resume", "{ckpt}", "--num-classes", "4"], "num_classes"),
     "guidance, no null class": (["--guidance", "1", "--label-dropout", "0"], "--label-dropout"),
-    "guidance on a model without label dropout": (["--preset", "heart", "--guidance", "2"],
-                                                  "--label-dropout"),
 }
 
 
@@ -309,42 +307,6 @@ def test_bad_input_is_one_error_line(case, trained, mnist_root, tmp_path, capsys
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert "Traceback" not in err and word in lines[0], lines[0]
-
-
-# ------------------------------------------------------------------------------ heart toy
-
-def test_heart_toy_learns_its_distribution(tmp_path):
-    """The heart preset, reduced (K = 32 bins, T = 20, 1000 steps of 256: ~10 s on one busy core).
-
-    `heart_tv` (the measure of scripts/heart_tv.py) on an 8 x 8 grid for 2,000 points: a data
-    sample of that size scores ≈ 0.05 (the floor), the trained model 0.078 (seed 0), the
-    untrained network (same init) ≈ 0.93. The bound 0.15 (3x the floor) is about twice the
-    trained value, while a model that puts a tenth of its mass off the curve fails.
-    """
-    num_classes, bound = 32, 0.15
-    cfg = R.resolve_config({"preset": "heart", "num_classes": num_classes, "num_timesteps": 20,
-                            "train_steps": 1000, "batch_size": 256, "warmup_steps": 50,
-                            "eval_images": 0, "num_samples": 2000, "out": str(tmp_path),
-                            "device": "cpu"})
-    R.train(cfg, log=lambda *a: None)
-    R.main(["--sample-only", "--resume", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path)])
-    samples = torch.load(tmp_path / "samples.pt", weights_only=True)["images"]
-    assert samples.shape == (2000, 2)
-    # the measure of scripts/heart_tv.py, on an 8 x 8 grid for 2,000 points
-    tv = lambda x: R.heart_tv(x, num_classes, cells=8, reference=200_000)  # noqa: E731
-    noise_floor = tv(R.heart_points(2000, num_classes, torch.Generator().manual_seed(999)))
-    trained_tv = tv(samples)
-
-    torch.manual_seed(cfg.seed)                      # the same initial weights as train()
-    data = R.build_data(cfg)
-    d3pm = R.build_d3pm(cfg, R.build_model(cfg, data))
-    untrained = d3pm.sample((2000, 2), torch.zeros(2000, dtype=torch.long),
-                            generator=torch.Generator().manual_seed(1))
-    untrained_tv = tv(untrained)
-
-    assert noise_floor < 0.1
-    assert trained_tv < bound, (trained_tv, noise_floor)
-    assert untrained_tv > 2 * bound, untrained_tv
 
 
 # ---------------------------------------------------------------- the two process classes
@@ -375,18 +337,22 @@ def test_checkpoints_load_into_either_class(trained):
 
 
 def test_runner_copied_alone_trains_and_samples(tmp_path):
-    """d3pm_runner.py alone in an empty folder: it says it uses the reference class, trains
-    the heart toy (no data files needed) and writes its samples."""
+    """d3pm_runner.py alone in an empty folder (beside a tiny MNIST in torchvision's raw layout):
+    it says it uses the reference class, trains and writes its samples."""
     import shutil
     import subprocess
+    from fake_mnist import write_fake_mnist
     shutil.copy(os.path.join(os.path.dirname(R.__file__), "d3pm_runner.py"), tmp_path)
-    out = subprocess.run([sys.executable, "d3pm_runner.py", "--preset", "heart", "--train-steps", "3",
-                          "--num-samples", "50", "--eval-images", "4", "--out", "run", "--device", "cpu"],
+    write_fake_mnist(str(tmp_path / "data"))
+    out = subprocess.run([sys.executable, "d3pm_runner.py", "--data-root", "data", "--train-steps", "3",
+                          "--num-timesteps", "10", "--model-channels", "8", "--batch-size", "16",
+                          "--num-samples", "10", "--eval-images", "4", "--out", "run", "--device", "cpu"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "d3pm_fast.py not found" in out.stdout + out.stderr
-    assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "heart_final.png").exists()
+    for name in ("checkpoint.pt", "samples_final.png", "reverse_final.gif"):
+        assert (tmp_path / "run" / name).exists(), name
 
 
 def test_old_checkpoints_read_bf16_as_auto(trained, tmp_path):

@@ -51,7 +51,7 @@ def test_heart_toy_learns_its_distribution(tmp_path):
 def test_defaults_are_the_readme_settings():
     cfg = heart.HeartConfig()
     assert (cfg.dataset, cfg.num_classes, cfg.num_timesteps, cfg.transition) == ("heart", 64, 50, "uniform")
-    assert (cfg.train_steps, cfg.batch_size, cfg.lr, cfg.label_dropout) == (3000, 512, 2e-3, 0.0)
+    assert (cfg.train_steps, cfg.batch_size, cfg.lr, cfg.label_dropout) == (1500, 2048, 3e-3, 0.0)
 
 
 @pytest.mark.parametrize("flags, word", [

@@ -231,13 +231,14 @@ class DiT(nn.Module):
         out = unpatchify(out, p, C, H, W)                             # (B, C, H, W, K) or (..., 2)
         if self.output == "logits":
             return out
-        # Discretised-logistic head, the official D3PM convention (images/model.py):
-        # loc = tanh(raw_loc + x_scaled), x_scaled = 2 x_t/(K-1) - 1 ∈ [-1, 1], a residual
-        # toward the input that tanh keeps inside the data range. At init raw_loc = 0, so
-        # loc ≈ x_t. (A [MASK] value K would scale to slightly above 1; tanh bounds it.)
+        # Discretised-logistic head: loc is a residual around x_scaled = 2 x_t/(K-1) - 1 inside a
+        # tanh that keeps it in the data range. The official UNet's tanh(raw_loc + x_scaled) maps
+        # black (-1) to -0.76 at init (raw_loc = 0: the final layer starts at zero); with
+        # atanh(0.999 x_scaled) inside, as ConvNet's head, loc = x_t at init. The clamp keeps
+        # atanh finite at ±1 and at a [MASK] value K (scaled above 1).
         raw_loc, log_scale = out.unbind(-1)                           # each (B, C, H, W)
         x_scaled = 2.0 * x_t.float() / (self.num_classes - 1) - 1.0
-        return torch.tanh(raw_loc + x_scaled), log_scale
+        return torch.tanh(raw_loc + torch.atanh((0.999 * x_scaled).clamp(-0.999, 0.999))), log_scale
 
 
 # --------------------------------------------------------------------------------------

@@ -64,8 +64,9 @@ def test_logistic_output():
     loc, log_scale = model(x_t, t, cond)
     assert loc.shape == log_scale.shape == x_t.shape
     assert loc.dtype == log_scale.dtype == torch.float32
-    # Zero-initialised head: raw_loc = 0, so loc = tanh(2 x_t/(K-1) - 1), the residual toward x_t.
-    torch.testing.assert_close(loc, torch.tanh(2 * x_t.float() / (K - 1) - 1))
+    # Zero-initialised head: raw_loc = 0, so loc = tanh(atanh(0.999 x_scaled)) = 0.999 x_scaled:
+    # x_t itself (the official tanh(x_scaled) would put black, -1, at -0.76)
+    torch.testing.assert_close(loc, 0.999 * (2 * x_t.float() / (K - 1) - 1))
     assert torch.all(log_scale == 0)
 
 

@@ -1,6 +1,6 @@
 """FastD3PM: the same D3PM as `d3pm_runner.D3PM`, faster. Nothing here is needed to read the method.
 
-`FastD3PM(D3PM)` overrides four methods with the same signatures and the same results (values,
+`FastD3PM(D3PM)` overrides five methods with the same signatures and the same results (values,
 gradients, sampled laws; tests/test_fast_paths.py compares each with the parent's method, and
 the parity, brute-force and goodness-of-fit tests run against both classes):
 
@@ -57,12 +57,13 @@ redone in float64 from the same float32 factors, as the parent's sum of logs doe
 
 import ctypes
 import math
+import os
 import platform
 from contextlib import contextmanager
 
 import torch
 
-from d3pm_runner import D3PM, guide, gumbel_argmax, log_or_zero
+from d3pm_runner import LOG_ZERO, D3PM, guide, gumbel_argmax, log_or_zero
 
 
 class FastD3PM(D3PM):
@@ -118,6 +119,16 @@ class FastD3PM(D3PM):
         if gaussian:
             return self._step_gaussian(x_t, t, s, cond, generator, guidance)
         return self._step_mixture(x_t, t, s, cond, generator)
+
+    def logistic_logits(self, loc, log_scale):
+        if self.eps == 0:
+            return super().logistic_logits(loc, log_scale)
+        K = self.num_classes
+        lin = torch.linspace(-1.0, 1.0, K, device=loc.device)
+        edges = torch.cat([lin - 1.0 / (K - 1), lin[-1:] + 1.0 / (K - 1)])      # K + 1 bin edges
+        out = _LogisticLogits.apply(loc.float().reshape(-1, 1), log_scale.float().reshape(-1, 1),
+                                    edges, self.eps)
+        return out.view(loc.shape + (K,))
 
     # ------------------------------------------------------------------ the loss
     def _kl_closed_form(self, x_0, x_t, t, x0_logits):
@@ -221,15 +232,13 @@ class FastD3PM(D3PM):
         logits = self.model_logits(x_t, tt, cond)
         fact1 = (self._Q_t(torch.tensor([t], device=x_t.device))[0] if s == t - 1
                  else self.Q_matrix(t, s).T.float())         # row x_t = column x_t of Q_{s→t}
-        fact1 = fact1.index_select(0, x_t.reshape(-1))
-        if guidance > 0:   # the parent's tilt of the two normalised log-laws, drawn in float32
+        if guidance > 0:
             logits_u = self.model_logits(x_t, tt, None)
-            log_fact1 = log_or_zero(fact1)
-            log_c, log_u = (torch.log_softmax(log_or_zero(self._fact2(z, s)) + log_fact1, -1)
-                            for z in (logits, logits_u))
-            x_s = _draw_categorical(torch.softmax(guide(log_c, log_u, guidance), -1), generator)[0]
-            x0 = guide(torch.log_softmax(logits, -1), torch.log_softmax(logits_u, -1), guidance)
+            x0 = _guide_logits(logits, logits_u, guidance)
+            x_s = self._draw_guided(fact1, x_t.reshape(-1), self._fact2(logits, s),
+                                    self._fact2(logits_u, s), guidance, generator)
             return x_s.view(x_t.shape), x0
+        fact1 = fact1.index_select(0, x_t.reshape(-1))
         p = self._fact2(logits, s).mul_(fact1)
         x_s, total = _draw_categorical(p, generator)
         low = (total < 1e-25).nonzero().flatten()              # float32 may have underflowed
@@ -239,6 +248,26 @@ class FastD3PM(D3PM):
             redo = torch.where(top > 0, redo / top.clamp_min(1e-300), fact1[low].double())
             x_s[low] = _draw_categorical(redo.float(), generator)[0]
         return x_s.view(x_t.shape), logits
+
+    @staticmethod
+    def _draw_guided(fact1, x_t, fact2_c, fact2_u, w, generator):
+        """x_s ~ p_w ∝ p_c^{1+w} p_u^{-w} per pixel, the parent's `guide` of the two normalised
+        laws p ∝ fact1 fact2 (fact1 (S, S) with row x_t = column x_t of Q_{s→t}; fact2 (N, S)).
+        The laws' normalisers are per-pixel constants, so log p_w = log fact1 + (1+w) log fact2_c
+        - w log fact2_u up to one: five passes over (N, S) in place of the parent's ~25. A zero
+        factor gives log 0 = -inf, which is guide's answer (probability 0) except where fact2_u
+        alone is 0 (+inf) or both are (NaN), or a whole row is 0: such rows take guide itself."""
+        log_c = fact2_c.log()
+        log_w = fact2_u.log().sub_(log_c).mul_(-w).add_(log_c)
+        log_w += fact1.log().index_select(0, x_t)
+        top = log_w.amax(-1, keepdim=True)                       # NaN or ±inf: a row for guide
+        x_s = _draw_categorical(log_w.sub_(top).exp_(), generator)[0]
+        redo = (~torch.isfinite(top.squeeze(-1))).nonzero().flatten()
+        if len(redo):
+            log_f1 = log_or_zero(fact1.index_select(0, x_t[redo]))
+            log_c, log_u = (torch.log_softmax(log_or_zero(f2[redo]) + log_f1, -1) for f2 in (fact2_c, fact2_u))
+            x_s[redo] = _draw_categorical(torch.softmax(guide(log_c, log_u, w), -1), generator)[0]
+        return x_s
 
     # ------------------------------------------------------------------ helpers
     def _fact2(self, logits, s):
@@ -289,6 +318,54 @@ class FastD3PM(D3PM):
             step >>= 1
         return below.clamp_max(K - 1)                              # u = total by rounding
 
+
+
+def _guide_logits(logits_c, logits_u, w):
+    """`guide` of the two normalised x̃_0 laws: where neither holds a zero (finite logits) it is
+    the plain tilt, without guide's four passes of zero tests."""
+    log_c, log_u = torch.log_softmax(logits_c, -1), torch.log_softmax(logits_u, -1)
+    if min(float(log_c.min()), float(log_u.min())) > LOG_ZERO / 2:
+        return log_c.mul_(1 + w).sub_(log_u, alpha=w)
+    return guide(log_c, log_u, w)
+
+
+class _LogisticLogits(torch.autograd.Function):
+    """`D3PM.logistic_logits` for eps > 0 from the K + 1 shared bin edges, with a hand-written
+    backward to (loc, log_scale): two (N, K) logsigmoids and their autograd graph cost ~3x as
+    much (torch's logsigmoid kernel alone is ~20x slower than a sigmoid on the CPU).
+
+    loc, log_scale (N, 1) float32; edges (K + 1,). With z_e = (edge_e - loc) / s, 1/s =
+    exp(2 - clamp(log_scale, ±20)), ℓ_e = log σ(z_e) = min(z_e, 0) - log1p(exp(-|z_e|)), bin k
+    between edges k (lower, L) and k+1 (upper, U) gets the parent's logit
+        logit_k = U_k + log1p(eps - exp(L_k - U_k)).
+    Gradient: ∂logit_k/∂U_k = 1 + ρ_k, ∂logit_k/∂L_k = -ρ_k with ρ_k = exp(L_k - logit_k);
+    ∂ℓ_e/∂z_e = σ(-z_e) = exp(ℓ_e - z_e); ∂z_e/∂loc = -1/s, ∂z_e/∂log_scale = -z_e (inside
+    the clamp; 0 outside, as torch.clamp's).
+    """
+
+    @staticmethod
+    def forward(ctx, loc, log_scale, edges, eps):
+        inside = (log_scale >= -20.0) & (log_scale <= 20.0)
+        inv_scale = torch.exp(2.0 - log_scale.clamp(-20.0, 20.0))
+        z = (edges - loc).mul_(inv_scale)                               # (N, K + 1)
+        log_cdf = torch.clamp_max(z, 0.0).sub_(z.abs().neg_().exp_().log1p_())   # log σ(z)
+        lower, upper = log_cdf[:, :-1], log_cdf[:, 1:]
+        logits = torch.sub(lower, upper).exp_().neg_().add_(eps).log1p_().add_(upper)
+        ctx.save_for_backward(z, log_cdf, logits, inv_scale, inside)
+        return logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        z, log_cdf, logits, inv_scale, inside = ctx.saved_tensors
+        g_rho = torch.sub(log_cdf[:, :-1], logits).exp_().mul_(g)       # g ρ   (N, K)
+        g_edge = torch.zeros_like(z)                                     # ∂/∂ℓ_e   (N, K + 1)
+        torch.add(g, g_rho, out=g_edge[:, 1:])
+        g_edge[:, :-1] -= g_rho
+        g_z = torch.sub(log_cdf, z).exp_().mul_(g_edge)                  # ∂/∂z_e
+        g_loc = -inv_scale * g_z.sum(-1, keepdim=True)
+        g_log_scale = -(g_z.mul_(z)).sum(-1, keepdim=True) * inside
+        return g_loc, g_log_scale, None, None
 
 
 class _SoftmaxMixSums(torch.autograd.Function):
@@ -427,16 +504,39 @@ class _GaussianKL(torch.autograd.Function):
 
 
 def tune_cpu():
-    """Two process-wide CPU settings that train() (and bench.py) use; README "Speed" has their
-    effect. (1) float32 denormals (< 1.2e-38) flush to zero: x86 multiplies them ~100x slower,
-    and the Gaussian's p̃_θ Q̄ products are full of them (its bmm runs 1.8x faster); they lie far
-    below the eps = 1e-6 floor of every log. (2) glibc keeps freed blocks up to 32 MB for reuse
-    instead of returning them to the OS: each fresh (B, ..., K) buffer otherwise costs ~1.5 ns per
-    element in page faults, a few percent of every step. No-op where glibc is absent."""
+    """Process-wide CPU settings that FastD3PM's first CPU call makes (bench.py too); README
+    "Speed" has their effect. (1) float32 denormals (< 1.2e-38) flush to zero in every thread:
+    x86 multiplies them ~20-100x slower, and the Gaussian's p̃_θ Q̄ products are full of them;
+    they lie far below the eps = 1e-6 floor of every log. `torch.set_flush_denormal` sets only
+    the calling thread, and OpenMP's worker threads copy that setting when they are created, so
+    the pool made before (by any earlier parallel op) is released (OpenMP 5.0's
+    `omp_pause_resource_all`) and remade with it: otherwise one of two threads still takes ~35x
+    longer over a denormal-heavy bmm. (2) glibc keeps freed blocks up to 32 MB for reuse instead
+    of returning them to the OS: each fresh (B, ..., K) buffer otherwise costs ~1.5 ns per element
+    in page faults, a few percent of every step. Each part is skipped where its library is absent."""
     torch.set_flush_denormal(True)
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if platform.system() != "Linux":
+        return
+    for lib in _loaded_libraries("libgomp", "libiomp"):
+        try:
+            pause = ctypes.CDLL(lib).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause.restype, pause.argtypes = ctypes.c_int, [ctypes.c_int]
+        pause(2)   # omp_pause_hard: the next parallel region starts new threads
+    if platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3              # from <malloc.h>
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)                 # glibc's default ceiling
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
+
+def _loaded_libraries(*names):
+    """Paths of the shared libraries loaded in this process whose file name starts with one of
+    `names` (Linux: /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.basename(p).startswith(names))

@@ -165,10 +165,14 @@ def test_sample_only(trained, tmp_path, network_calls, steps):
         png.load()
     with Image.open(tmp_path / "reverse_only.gif") as gif:
         assert gif.n_frames > 1
-    # one network call per reverse step, from t = T down to t = 1 (guidance is 0: no second call)
-    assert len(network_calls) == (T if steps is None else steps)
-    assert network_calls[0] == T and network_calls[-1] == 1
-    assert all(a > b for a, b in zip(network_calls, network_calls[1:]))
+    # per batch of cfg.batch_size, one network call per reverse step, from t = T down to t = 1
+    # (guidance is 0: no second call)
+    n_steps, n_batches = (T if steps is None else steps), -(-20 // cfg.batch_size)
+    assert len(network_calls) == n_batches * n_steps
+    for b in range(n_batches):
+        calls = network_calls[b * n_steps:(b + 1) * n_steps]
+        assert calls[0] == T and calls[-1] == 1
+        assert all(a > b for a, b in zip(calls, calls[1:]))
 
 
 def test_eval_only_prints_one_json_line(trained, tmp_path, capsys):

@@ -4,19 +4,22 @@
 gradients, sampled laws; tests/test_fast_paths.py compares each with the parent's method, and
 the parity, brute-force and goodness-of-fit tests run against both classes):
 
-  __init__      adds float32 copies of β, ᾱ, π and the Gaussian's Q_t as two (T, K) tables;
-  q_sample      draws q(x_t | x_0) with one float64 uniform per pixel (uniform/absorbing: keep
-                x_0 with probability ᾱ_t, else draw from π), or for the Gaussian by a binary
-                search over the float64 CDF of the row Q̄_t[x_0]: no (N, S) Gumbel buffer;
-  kl_and_ce     the loss without explicit (N, S) posteriors (derivations below);
-  reverse_step  the exact p_θ drawn without Gumbel noise over (N, S) (derivations below);
-                the Gaussian's guided steps tilt its two laws in log space; the other
-                transitions' guided steps, the last step and noise replays go to the parent.
+  __init__        adds float32 copies of β, ᾱ, π and the Gaussian's Q_t as two (T, K) tables;
+  q_sample        draws q(x_t | x_0) with one float64 uniform per pixel (uniform/absorbing: keep
+                  x_0 with probability ᾱ_t, else draw from π), or for the Gaussian by a binary
+                  search over the float64 CDF of the row Q̄_t[x_0]: no (N, S) Gumbel buffer;
+  logistic_logits the truncated discretized logistic from its K + 1 shared bin edges, with a
+                  hand-written backward to (loc, log_scale) (`_LogisticLogits`);
+  kl_and_ce       the loss without explicit (N, S) posteriors (derivations below);
+  reverse_step    the exact p_θ drawn without Gumbel noise over (N, S) (derivations below);
+                  the Gaussian's guided steps tilt its two laws in log space; the other
+                  transitions' guided steps, the last step and noise replays go to the parent.
 
 Process-wide settings, made by this class alone: on the CPU its first loss or sampling step
-runs `tune_cpu()` once (float32 denormals flush to zero; glibc keeps freed buffers), and the
-Gaussian's p̃_θ Q̄ products run in exact float32 (`exact_float32`) whatever precision the
-process allows elsewhere.
+runs `tune_cpu()` once (float32 denormals flush to zero in every thread; glibc keeps freed
+buffers), and the Gaussian's p̃_θ Q̄ products run in exact float32 (`exact_float32`) whatever
+precision the process allows elsewhere. Its exponentials go through `_exp_`, which gives 0 for
+arguments below -87 (torch's CPU exp is 30-100x slower where its result is not a normal float).
 
     from d3pm_fast import FastD3PM      # a drop-in for d3pm_runner.D3PM; checkpoints load in both
 
@@ -67,8 +70,8 @@ from d3pm_runner import LOG_ZERO, D3PM, guide, gumbel_argmax, log_or_zero
 
 
 class FastD3PM(D3PM):
-    """`d3pm_runner.D3PM` with faster forms of q_sample, kl_and_ce and reverse_step (module
-    docstring). Same constructor, same results, same state_dict."""
+    """`d3pm_runner.D3PM` with faster forms of q_sample, logistic_logits, kl_and_ce and
+    reverse_step (module docstring). Same constructor, same results, same state_dict."""
 
     tune_cpu_on_first_use = True   # False: leave the process's settings alone (bench.py)
     _cpu_tuned = False             # tune_cpu() runs once per process, on the first CPU call
@@ -261,7 +264,7 @@ class FastD3PM(D3PM):
         log_w = fact2_u.log().sub_(log_c).mul_(-w).add_(log_c)
         log_w += fact1.log().index_select(0, x_t)
         top = log_w.amax(-1, keepdim=True)                       # NaN or ±inf: a row for guide
-        x_s = _draw_categorical(log_w.sub_(top).exp_(), generator)[0]
+        x_s = _draw_categorical(_exp_(log_w.sub_(top)), generator)[0]
         redo = (~torch.isfinite(top.squeeze(-1))).nonzero().flatten()
         if len(redo):
             log_f1 = log_or_zero(fact1.index_select(0, x_t[redo]))
@@ -320,6 +323,18 @@ class FastD3PM(D3PM):
 
 
 
+_EXP_FLOOR = -87.0   # exp(-87) = 1.6e-38, just above float32's smallest normal (1.2e-38)
+
+
+def _exp_(x):
+    """x.exp_() for float32, with arguments below -87 giving exactly 0 (-inf included) and the
+    others exp(x) - 1.6e-38 (a shift below anything float32 resolves beside 1e-37). torch's CPU
+    exp takes 30-100x longer per element on arguments whose result is not a normal float32
+    (2.14, AVX-512: 110 ms instead of 1.5 for 6.4 M values at -88, still 11 ms at -inf), and the
+    far tails of a narrow p̃_θ are full of them."""
+    return x.clamp_min_(_EXP_FLOOR).exp_().sub_(math.exp(_EXP_FLOOR))
+
+
 def _guide_logits(logits_c, logits_u, w):
     """`guide` of the two normalised x̃_0 laws: where neither holds a zero (finite logits) it is
     the plain tilt, without guide's four passes of zero tests."""
@@ -339,7 +354,7 @@ class _LogisticLogits(torch.autograd.Function):
     between edges k (lower, L) and k+1 (upper, U) gets the parent's logit
         logit_k = U_k + log1p(eps - exp(L_k - U_k)).
     Gradient: ∂logit_k/∂U_k = 1 + ρ_k, ∂logit_k/∂L_k = -ρ_k with ρ_k = exp(L_k - logit_k);
-    ∂ℓ_e/∂z_e = σ(-z_e) = exp(ℓ_e - z_e); ∂z_e/∂loc = -1/s, ∂z_e/∂log_scale = -z_e (inside
+    ∂ℓ_e/∂z_e = σ(-z_e); ∂z_e/∂loc = -1/s, ∂z_e/∂log_scale = -z_e (inside
     the clamp; 0 outside, as torch.clamp's).
     """
 
@@ -348,9 +363,9 @@ class _LogisticLogits(torch.autograd.Function):
         inside = (log_scale >= -20.0) & (log_scale <= 20.0)
         inv_scale = torch.exp(2.0 - log_scale.clamp(-20.0, 20.0))
         z = (edges - loc).mul_(inv_scale)                               # (N, K + 1)
-        log_cdf = torch.clamp_max(z, 0.0).sub_(z.abs().neg_().exp_().log1p_())   # log σ(z)
+        log_cdf = torch.clamp_max(z, 0.0).sub_(_exp_(z.abs().neg_()).log1p_())   # log σ(z)
         lower, upper = log_cdf[:, :-1], log_cdf[:, 1:]
-        logits = torch.sub(lower, upper).exp_().neg_().add_(eps).log1p_().add_(upper)
+        logits = _exp_(torch.sub(lower, upper)).neg_().add_(eps).log1p_().add_(upper)
         ctx.save_for_backward(z, log_cdf, logits, inv_scale, inside)
         return logits
 
@@ -358,11 +373,11 @@ class _LogisticLogits(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         z, log_cdf, logits, inv_scale, inside = ctx.saved_tensors
-        g_rho = torch.sub(log_cdf[:, :-1], logits).exp_().mul_(g)       # g ρ   (N, K)
+        g_rho = _exp_(torch.sub(log_cdf[:, :-1], logits)).mul_(g)       # g ρ   (N, K)
         g_edge = torch.zeros_like(z)                                     # ∂/∂ℓ_e   (N, K + 1)
         torch.add(g, g_rho, out=g_edge[:, 1:])
         g_edge[:, :-1] -= g_rho
-        g_z = torch.sub(log_cdf, z).exp_().mul_(g_edge)                  # ∂/∂z_e
+        g_z = torch.sigmoid(z.neg()).mul_(g_edge)                        # ∂/∂z_e
         g_loc = -inv_scale * g_z.sum(-1, keepdim=True)
         g_log_scale = -(g_z.mul_(z)).sum(-1, keepdim=True) * inside
         return g_loc, g_log_scale, None, None
@@ -478,7 +493,7 @@ class _GaussianKL(torch.autograd.Function):
         with exact_float32(L.device):
             P = torch.log_softmax(L, -1)
             ce = -P.gather(-1, idx0).squeeze(-1)
-            P = P.exp_()                                         # p̃_θ
+            P = _exp_(P)                                         # p̃_θ
             m = torch.bmm(P, Qb)                                 # p̃_θ Q̄_{t-1} + eps  [eq. 4]
             q_hat = g.mul_(f1)
             z_q = q_hat.sum(-1)

@@ -447,3 +447,102 @@ def test_guided_gaussian_step_is_the_fast_one_and_samples_the_parents_law(monkey
         assert chisquare_pvalue(x_s.view(N, D), want / want.sum(-1, keepdim=True)) > 1e-4
         assert chisquare_pvalue(x_s.view(N, D), tilted[0]) < 1e-6    # power: the unguided law
     assert calls == [6, 6, 9, 9]
+
+
+def exact_logistic_probs(loc, log_scale, K, eps):
+    """The parent's p̃ = softmax(logistic_logits) in float64 from its definition: bin k gets
+    σ(u_k) - σ(l_k) + eps σ(u_k) (the official log1p form, exponentiated), normalised."""
+    c = torch.linspace(-1, 1, K, dtype=F64)
+    inv = torch.exp(2 - log_scale.double().clamp(-20, 20)).unsqueeze(-1)
+    u = torch.sigmoid(inv * (c - loc.double().unsqueeze(-1) + 1 / (K - 1)))
+    lo = torch.sigmoid(inv * (c - loc.double().unsqueeze(-1) - 1 / (K - 1)))
+    w = u - lo + eps * u
+    return w / w.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("K", [2, 16, 256])
+def test_logistic_logits_from_shared_edges_equal_the_parents(K):
+    """FastD3PM.logistic_logits (K + 1 shared edges, hand-written backward) against the parent's:
+    the laws within the parent's own float32 error of the exact float64 law, and the gradients
+    to loc and log_scale of a loss on the log-law, inside and outside log_scale's clamp."""
+    g = torch.Generator().manual_seed(K)
+    loc = torch.rand(3, 1, 4, 5, generator=g) * 2 - 1
+    log_scale = torch.randn(3, 1, 4, 5, generator=g) * 3
+    loc[0, 0, 0, :4] = torch.tensor([-0.999, 0.999, -1.0, 1.0])
+    log_scale[0, 0, 1, :4] = torch.tensor([-25.0, 25.0, -19.5, 8.0])     # beyond the clamp, near
+    weight = torch.randn(3, 1, 4, 5, K, generator=g)
+    out = {}
+    for cls in (D3PM, FastD3PM):
+        d = cls(None, 10, K, "gaussian", model_output="logistic")
+        loc_, ls_ = loc.clone().requires_grad_(), log_scale.clone().requires_grad_()
+        log_p = torch.log_softmax(d.logistic_logits(loc_, ls_), -1)
+        (log_p.clamp_min(-50) * weight).sum().backward()
+        out[cls] = log_p.detach().exp(), loc_.grad, ls_.grad
+    want = exact_logistic_probs(loc, log_scale, K, 1e-6)
+    parent_err = (out[D3PM][0].double() - want).abs().max()
+    fast_err = (out[FastD3PM][0].double() - want).abs().max()
+    assert fast_err <= max(2 * parent_err, 1e-6), (fast_err, parent_err)
+    for a, b in zip(out[D3PM][1:], out[FastD3PM][1:]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    assert out[FastD3PM][2][0, 0, 1, :2].abs().max() == 0               # clamped: no gradient
+    assert out[FastD3PM][1].abs().amax() > 0 and out[FastD3PM][2].abs().amax() > 0
+
+
+def test_logistic_logits_with_eps_zero_are_the_parents():
+    """eps = 0 (log 0 where a bin's mass underflows) is left to the parent."""
+    d = FastD3PM(None, 10, 16, "gaussian", model_output="logistic", eps=0.0)
+    loc, log_scale = torch.tensor([[0.3, -0.9]]), torch.tensor([[-6.0, 1.0]])
+    assert torch.equal(d.logistic_logits(loc, log_scale), D3PM.logistic_logits(d, loc, log_scale))
+
+
+@pytest.mark.parametrize("case", ["positive", "zeros"])
+def test_draw_guided_samples_guide_of_the_two_laws(case):
+    """FastD3PM._draw_guided (log fact1 + (1+w) log fact2_c - w log fact2_u, drawn) against
+    softmax(guide(log p_c, log p_u, w)) of the parent, per pixel, at K = 6; with zeros: a state
+    fact1 rules out, one only p_u rules out (guide keeps log p_c there: the row is redone), one
+    both rule out, and a row that p_c rules out entirely where p_u does not."""
+    from d3pm_runner import guide, log_or_zero
+    K, N, w = 6, 40000, 1.5
+    g = torch.Generator().manual_seed(5)
+    fact1 = torch.rand(K, K, generator=g, dtype=F64).float() + 0.2
+    f2c = torch.softmax(0.5 * torch.randn(4, K, generator=g), -1)
+    f2u = torch.softmax(0.5 * torch.randn(4, K, generator=g), -1)
+    x_t = torch.tensor([0, 2, 3, 5])
+    if case == "zeros":
+        fact1[2, 1] = 0.0                    # row of pixel 1 (x_t = 2): state 1 unreachable
+        f2u[0, 4] = 0.0                      # pixel 0: only p_u excludes state 4
+        f2c[2, 3], f2u[2, 3] = 0.0, 0.0      # pixel 2: both exclude state 3
+        f2c[3, :3] = 0.0                     # pixel 3: p_c excludes states 0..2
+    log_c = torch.log_softmax(log_or_zero(fact1[x_t]) + log_or_zero(f2c), -1)
+    log_u = torch.log_softmax(log_or_zero(fact1[x_t]) + log_or_zero(f2u), -1)
+    want = torch.softmax(guide(log_c, log_u, w).double(), -1)
+    reps = lambda v: v.repeat(N // 4, 1)  # noqa: E731
+    x_s = FastD3PM._draw_guided(fact1, x_t.repeat(N // 4), reps(f2c), reps(f2u), w, g)
+    assert chisquare_pvalue(x_s.view(N // 4, 4), want) > 1e-4
+    if case == "zeros":
+        assert want[0, 4] > 0.01 and want[1, 1] == 0 and want[2, 3] == 0 and want[3, :3].sum() == 0
+
+
+def test_tune_cpu_makes_every_worker_thread_flush_denormals():
+    """After tune_cpu(), an elementwise op split over the OpenMP threads flushes denormal inputs
+    to zero in every thread, also when the thread pool existed before (torch's own
+    set_flush_denormal reaches only the calling thread: half of the 4 M products stay denormal
+    with two threads). Run in a fresh process."""
+    import subprocess
+    code = (
+        "import torch, sys\n"
+        "if torch.get_num_threads() < 2: torch.set_num_threads(2)\n"
+        "torch.ones(1 << 22).mul_(2)\n"                     # the pool exists before the setting
+        "if not torch.set_flush_denormal(True): print('unsupported'); sys.exit()\n"
+        "torch.set_flush_denormal(False)\n"
+        "from d3pm_fast import tune_cpu\n"
+        "tune_cpu()\n"
+        "x = torch.full((1 << 22,), 1000, dtype=torch.int32).view(torch.float32)\n"  # 1.4e-42
+        "print(int(((x * 3.0).view(torch.int32) != 0).sum()))\n")   # bits: DAZ would hide them
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "unsupported":
+        pytest.skip("this CPU has no denormal flushing (torch.set_flush_denormal returns False)")
+    assert out.stdout.strip() == "0", f"{out.stdout.strip()} denormals survived in some thread"

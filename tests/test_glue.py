@@ -23,6 +23,7 @@ before and after it.
 import json
 import math
 import os
+import signal
 import sys
 
 import pytest
@@ -739,6 +740,40 @@ def test_resumed_run_steps_with_the_new_lr_and_weight_decay_inside_the_warmup(mo
     want = [(0.05 / 4, 0.0), (0.05 * 2 / 4, 0.0), (0.02 * 3 / 4, 0.1), (0.02, 0.1), (0.02, 0.1)]
     assert [lr for lr, _ in seen] == pytest.approx([lr for lr, _ in want], rel=1e-6)
     assert [wd for _, wd in seen] == [wd for _, wd in want]
+
+
+def test_cosine_lr_decay_after_the_warmup_reaches_a_tenth_at_the_last_step_and_resumes(
+        monkeypatch, tmp_path):
+    """--lr-decay cosine: the lr of step s (1-based) is lr (s/W) during the warm-up W, then
+    lr (0.55 + 0.45 cos(π (s - W) / (train_steps - W))), which is lr/10 at the last step; a run
+    resumed half-way takes the same lrs as one run straight through."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    stop_at = [None]
+
+    def step_spy(self, *args, **kwargs):
+        seen.append(float(self.param_groups[0]["lr"]))
+        if len(seen) == stop_at[0]:   # Ctrl-C: train() finishes the step, checkpoints, returns
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_spy)
+    lr, W, n = 0.05, 2, 8
+    want = [lr * s / W if s <= W else lr * (0.55 + 0.45 * math.cos(math.pi * (s - W) / (n - W)))
+            for s in range(1, n + 1)]
+    run_toy(monkeypatch, tmp_path / "straight", lr=lr, warmup_steps=W, train_steps=n,
+            lr_decay="cosine", eval_images=0)
+    assert seen == pytest.approx(want, rel=1e-6) and want[-1] == pytest.approx(lr / 10)
+    seen.clear()
+    stop_at[0] = 4
+    run_toy(monkeypatch, tmp_path, lr=lr, warmup_steps=W, train_steps=n, lr_decay="cosine",
+            eval_images=0)
+    assert 4 <= len(seen) < n   # stopped at the next step boundary
+    stop_at[0] = None
+    run_toy(monkeypatch, tmp_path, lr=lr, warmup_steps=W, train_steps=n, lr_decay="cosine",
+            eval_images=0, resume=str(tmp_path / "checkpoint.pt"))
+    assert seen == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.5])

@@ -367,3 +367,14 @@ def test_old_checkpoints_read_bf16_as_auto(trained, tmp_path):
     assert R.resolve_config({}, old).precision == "auto"
     assert R.resolve_config({"precision": "bf16"}, old).precision == "bf16"
     assert R.resolve_config({}, old | {"compile": False}).precision == "bf16"
+
+
+def test_a_checkpoint_older_than_a_preset_field_keeps_that_fields_default(trained):
+    """A cpu-grey checkpoint written before --lr-decay existed trained with a constant learning
+    rate: resumed, it keeps "none" although the preset now says "cosine", unless asked."""
+    cfg, _ = trained
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "lr_decay"} | {"preset": "cpu-grey"}
+    assert R.PRESETS["cpu-grey"]["lr_decay"] == "cosine"
+    assert R.resolve_config({}, old).lr_decay == "none"
+    assert R.resolve_config({"lr_decay": "cosine"}, old).lr_decay == "cosine"
+    assert R.resolve_config({}, old | {"lr_decay": "cosine"}).lr_decay == "cosine"

@@ -822,10 +822,14 @@ def batch_indices(step, n, batch_size, seed):
 
 # ---------------------------------------------------------------------------- model set-up
 
+def num_states(cfg):
+    """S: the values x_t takes, K plus the [MASK] state of an absorbing process with one."""
+    return cfg.num_classes + (cfg.transition == "absorbing" and cfg.absorbing_state == "mask")
+
+
 def build_model(cfg, data):
     """The x_0-predicting network for cfg.dataset."""
-    num_states = cfg.num_classes + (1 if cfg.transition == "absorbing" and cfg.absorbing_state == "mask" else 0)
-    return ConvNet(num_states, cfg.num_classes, data.train_x.shape[1], data.num_labels,
+    return ConvNet(num_states(cfg), cfg.num_classes, data.train_x.shape[1], data.num_labels,
                    ch=cfg.model_channels, num_timesteps=cfg.num_timesteps, output=cfg.model_output)
 
 

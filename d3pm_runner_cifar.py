@@ -84,8 +84,7 @@ def build_data(cfg):
 
 
 def build_model(cfg, data):
-    num_states = cfg.num_classes + (cfg.transition == "absorbing" and cfg.absorbing_state == "mask")
-    net = dit_from_name(cfg.model, in_channels=data.train_x.shape[1], num_states=num_states,
+    net = dit_from_name(cfg.model, in_channels=data.train_x.shape[1], num_states=d3.num_states(cfg),
                         num_classes=cfg.num_classes, num_labels=data.num_labels,
                         num_timesteps=cfg.num_timesteps, output=cfg.model_output)
     return net

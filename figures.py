@@ -134,12 +134,16 @@ def load_trained(cfg):
     device come from cfg. The "ema" state_dict is torch.optim.swa_utils.AveragedModel's: the
     network's keys prefixed with "module.", plus the counter "n_averaged"."""
     ckpt = d3.load_checkpoint(cfg.resume)
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    run_cfg = type(cfg)(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    config_cls, build_data, build_model = type(cfg), d3.build_data, d3.build_model
+    if ckpt["config"].get("dataset") == "heart":   # heart.py's own data, network and config
+        import heart
+        config_cls, build_data, build_model = heart.HeartConfig, heart.build_data, heart.build_model
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    run_cfg = config_cls(**{k: v for k, v in ckpt["config"].items() if k in fields})
     run_cfg = dataclasses.replace(run_cfg, data_root=cfg.data_root, device=cfg.device)
     device = d3.pick_device(cfg.device)
-    data = d3.build_data(run_cfg)
-    net = d3.build_model(run_cfg, data)
+    data = build_data(run_cfg)
+    net = build_model(run_cfg, data)
     net.load_state_dict({k[len("module."):]: v for k, v in ckpt["ema"].items()
                          if k.startswith("module.")})
     d3pm = d3.build_d3pm(run_cfg, net.to(device).eval()).to(device)

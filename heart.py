@@ -138,8 +138,7 @@ def build_data(cfg):
 
 
 def build_model(cfg, data):
-    num_states = cfg.num_classes + (cfg.transition == "absorbing" and cfg.absorbing_state == "mask")
-    return PointMLP(num_states, cfg.num_classes, data.num_labels, num_timesteps=cfg.num_timesteps)
+    return PointMLP(d3.num_states(cfg), cfg.num_classes, data.num_labels, num_timesteps=cfg.num_timesteps)
 
 
 def validate(cfg):

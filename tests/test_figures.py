@@ -174,3 +174,19 @@ def test_make_figures_with_checkpoint(tmp_path):
     for p in paths:
         assert os.path.dirname(p) == run   # out_dir defaults to cfg.out when it is not the default
         check_image(p)
+
+
+def test_make_figures_with_a_heart_checkpoint(tmp_path):
+    """A heart.py checkpoint (dataset "heart", its own network) loads with heart's data and
+    network, and gets the plot of its bound's terms (no x̂_0 pictures: its data are not images)."""
+    import heart
+    run = str(tmp_path / "run")
+    heart.run(heart.HeartConfig(num_timesteps=4, train_steps=2, batch_size=16, eval_images=0,
+                                num_samples=4, out=run, device="cpu"), log=lambda *a: None)
+    root = write_fake_mnist(str(tmp_path / "data"))   # for the forward-process figures
+    cfg = d3.Config(data_root=root, resume=os.path.join(run, "checkpoint.pt"), out=run, device="cpu")
+    d3pm, data, step, _ = figures.load_trained(cfg)
+    assert type(d3pm.x0_model).__name__ == "PointMLP" and step == 2 and data.test_x.shape[1] == 2
+    paths = figures.make_figures(cfg, num_classes=8, num_timesteps=10, log=lambda *a: None)
+    names = {os.path.basename(p) for p in paths}
+    assert "bound_terms.png" in names and "x0_prediction.png" not in names
